@@ -1,0 +1,177 @@
+"""The two assets: pick the next id window of the source, then load its valid posts."""
+
+import time
+
+import dagster as dg
+from pydantic import Field
+
+from so_pipeline.cursor import CURSOR_METADATA_KEY, cursor_from_analytical, cursor_from_history
+from so_pipeline.post_rules import RejectReason
+from so_pipeline.resources import PostgresResource
+from so_pipeline.schema import check_source_table, ensure_analytical_tables, posts_table
+from so_pipeline.source_queries import (
+    SOURCE_TABLE,
+    PostWindow,
+    next_window_bounds,
+    source_max_id,
+)
+from so_pipeline.window_loader import load_window
+
+GROUP_NAME = "stackoverflow"
+
+# 100k posts (~120 MB of source data) take a few seconds per tick and keep each transaction
+# short; raise it for a catch-up run, memory does not grow with it.
+DEFAULT_BATCH_SIZE = 100_000
+
+
+class SourceBatchConfig(dg.Config):
+    batch_size: int = Field(
+        default=DEFAULT_BATCH_SIZE, gt=0, description="Most source ids to process in this run."
+    )
+    start_after_id: int | None = Field(
+        default=None,
+        description="Replay: process the ids after this one instead of after the cursor. "
+        "The cursor never moves backwards.",
+    )
+
+
+class FilterConfig(dg.Config):
+    require_owner: bool = Field(
+        default=True, description="Reject posts whose owner_user_id is NULL (deleted users)."
+    )
+
+
+def _numbers(values: dict[str, int | float | None]) -> dict[str, int | float]:
+    """Metadata keeps numbers as numbers (so the UI can plot them) and leaves out unknowns."""
+    return {key: value for key, value in values.items() if value is not None}
+
+
+@dg.asset(
+    kinds={"postgres"},
+    group_name=GROUP_NAME,
+    owners=["team:data-engineering"],
+)
+def source_posts_batch(
+    context: dg.AssetExecutionContext,
+    config: SourceBatchConfig,
+    source_db: PostgresResource,
+    analytical_db: PostgresResource,
+) -> dg.Output[PostWindow]:
+    """The next window of source post ids after the cursor (its bounds, not its rows)."""
+    check_source_table(source_db, SOURCE_TABLE)
+    cursor = cursor_from_history(context.instance)
+    cursor_origin = "materialization history"
+    if cursor is None:
+        cursor = cursor_from_analytical(analytical_db)
+        cursor_origin = "analytical tables" if cursor is not None else "start of source"
+    after_id = cursor if config.start_after_id is None else config.start_after_id
+    if config.start_after_id is not None:
+        cursor_origin = "start_after_id (replay)"
+    rows, first_id, last_id = next_window_bounds(source_db, after_id, config.batch_size)
+    highest_source_id = source_max_id(source_db)
+    window = PostWindow(after_id=after_id, last_id=last_id, row_count=rows, cursor_before=cursor)
+    context.log.info(
+        f"Window after id {after_id} (cursor from {cursor_origin}): {rows} posts, "
+        f"ids {first_id}..{last_id}; source max id {highest_source_id}"
+    )
+    reached = last_id if last_id is not None else after_id
+    return dg.Output(
+        window,
+        metadata={
+            "cursor_origin": cursor_origin,
+            **_numbers(
+                {
+                    "cursor_before": cursor,
+                    "window_after_id": after_id,
+                    "window_first_id": first_id,
+                    "window_last_id": last_id,
+                    "rows_in_window": rows,
+                    "source_max_id": highest_source_id,
+                    "ids_behind_source": (
+                        highest_source_id - reached
+                        if highest_source_id is not None and reached is not None
+                        else None
+                    ),
+                }
+            ),
+        },
+    )
+
+
+@dg.asset(
+    kinds={"postgres"},
+    group_name=GROUP_NAME,
+    owners=["team:data-engineering"],
+)
+def filtered_posts(
+    context: dg.AssetExecutionContext,
+    config: FilterConfig,
+    source_posts_batch: PostWindow,
+    source_db: PostgresResource,
+    analytical_db: PostgresResource,
+) -> dg.MaterializeResult:
+    """Posts of the window with a non-empty body, loaded into the analytical `posts` table.
+
+    Rejected posts go to `posts_rejected` with their reason. `last_processed_id` in this
+    asset's metadata is the pipeline's cursor.
+    """
+    window = source_posts_batch
+    ensure_analytical_tables(analytical_db)
+    table_metadata = {
+        "dagster/table_name": "posts",
+        "dagster/column_schema": _posts_column_schema(),
+    }
+    if window.is_empty:
+        context.log.info(f"Caught up: nothing after id {window.after_id}; cursor unchanged.")
+        return dg.MaterializeResult(
+            metadata={
+                **table_metadata,
+                **_numbers({CURSOR_METADATA_KEY: window.cursor_before, "rows_loaded": 0}),
+            }
+        )
+
+    started = time.monotonic()
+    load = load_window(source_db, analytical_db, window, config.require_owner)
+    seconds = time.monotonic() - started
+    assert window.last_id is not None
+    # A replay of an older range must not move the cursor back over work already done.
+    cursor_after = max(window.last_id, window.cursor_before or window.last_id)
+    rows_examined = load.kept_rows + load.rejected_rows
+    context.log.info(
+        f"Window ({window.after_id}, {window.last_id}]: {rows_examined} posts read, "
+        f"{load.loaded_rows} loaded, {load.already_present_rows} already present, "
+        f"{load.rejected_rows} rejected {load.rejected_by_reason or ''}; "
+        f"cursor {window.cursor_before} -> {cursor_after}"
+    )
+    return dg.MaterializeResult(
+        metadata={
+            **table_metadata,
+            "load_path": "direct COPY" if load.wrote_directly else "staged merge",
+            **_numbers(
+                {
+                    CURSOR_METADATA_KEY: cursor_after,
+                    "cursor_before": window.cursor_before,
+                    "window_after_id": window.after_id,
+                    "window_last_id": window.last_id,
+                    "rows_read": rows_examined,
+                    "rows_loaded": load.loaded_rows,
+                    "rows_already_present": load.already_present_rows,
+                    "rows_rejected": load.rejected_rows,
+                    **{
+                        f"rejected_{reason}": load.rejected_by_reason.get(reason, 0)
+                        for reason in RejectReason
+                    },
+                    "duration_seconds": round(seconds, 3),
+                    "rows_per_second": round(rows_examined / seconds) if seconds else None,
+                }
+            ),
+        }
+    )
+
+
+def _posts_column_schema() -> dg.TableSchema:
+    return dg.TableSchema(
+        columns=[
+            dg.TableColumn(column.name, str(column.type).lower()) for column in posts_table.columns
+        ]
+    )

@@ -1,0 +1,32 @@
+"""The cursor: the highest source id processed, kept in `filtered_posts` materializations."""
+
+import dagster as dg
+import sqlalchemy as sa
+
+from so_pipeline.resources import PostgresResource
+from so_pipeline.schema import posts_rejected_table, posts_table
+
+FILTERED_POSTS_KEY = dg.AssetKey("filtered_posts")
+CURSOR_METADATA_KEY = "last_processed_id"
+
+
+def cursor_from_history(instance: dg.DagsterInstance) -> int | None:
+    """`last_processed_id` of the latest `filtered_posts` materialization, if any."""
+    event = instance.get_latest_materialization_event(FILTERED_POSTS_KEY)
+    materialization = event.asset_materialization if event else None
+    if materialization is None or CURSOR_METADATA_KEY not in materialization.metadata:
+        return None
+    return int(materialization.metadata[CURSOR_METADATA_KEY].value)  # type: ignore[arg-type]
+
+
+def cursor_from_analytical(analytical_db: PostgresResource) -> int | None:
+    """The highest id already loaded or rejected: where to resume when history is lost."""
+    with analytical_db.begin() as connection:
+        inspector = sa.inspect(connection)
+        highest = [
+            connection.execute(sa.select(sa.func.max(table.c.id))).scalar_one()
+            for table in (posts_table, posts_rejected_table)
+            if inspector.has_table(table.name)
+        ]
+    present = [value for value in highest if value is not None]
+    return max(present) if present else None

