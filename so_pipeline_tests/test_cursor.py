@@ -1,0 +1,106 @@
+"""The cursor: it advances window by window, never reloads, and survives lost history."""
+
+import dagster as dg
+
+from so_pipeline_tests.conftest import PipelineDatabases, Post, run_job
+
+
+def test_cursor_advances_window_by_window_until_caught_up(
+    databases: PipelineDatabases, instance: dg.DagsterInstance
+) -> None:
+    # ids with gaps, one of several million, and above 2^31
+    ids = [1, 2, 3, 10, 11, 500, 501, 4_000_000, 3_000_000_000, 3_000_000_001]
+    databases.add_source_posts([Post(id=i) for i in ids])
+
+    cursors, loaded = [], []
+    for _ in range(4):
+        outcome = run_job(instance, batch_size=3)
+        assert outcome.success
+        cursors.append(outcome.metadata()["last_processed_id"])
+        loaded.append(outcome.metadata()["rows_loaded"])
+
+    assert cursors == [3, 500, 3_000_000_000, 3_000_000_001]
+    assert loaded == [3, 3, 3, 1]
+    assert databases.loaded_ids() == ids
+
+
+def test_caught_up_run_is_a_clean_no_op(
+    databases: PipelineDatabases, instance: dg.DagsterInstance
+) -> None:
+    databases.add_source_posts([Post(id=i) for i in range(1, 6)])
+    assert run_job(instance).success
+
+    outcome = run_job(instance)
+
+    assert outcome.success
+    assert outcome.metadata()["rows_loaded"] == 0
+    assert outcome.metadata()["last_processed_id"] == 5
+    assert outcome.metadata("source_posts_batch")["rows_in_window"] == 0
+    assert databases.loaded_ids() == [1, 2, 3, 4, 5]
+
+
+def test_repeated_and_overlapping_runs_load_nothing_twice(
+    databases: PipelineDatabases, instance: dg.DagsterInstance
+) -> None:
+    databases.add_source_posts([Post(id=i) for i in range(1, 21)])
+    assert run_job(instance, batch_size=20).success
+    databases.add_source_posts([Post(id=i) for i in range(21, 31)])
+
+    # A replay that overlaps the loaded range and reaches into new rows.
+    replay = run_job(instance, start_after_id=5, batch_size=100)
+    # The same replay again, now entirely over loaded rows.
+    again = run_job(instance, start_after_id=5, batch_size=100)
+
+    assert replay.metadata()["rows_loaded"] == 10
+    assert replay.metadata()["rows_already_present"] == 15
+    assert again.metadata()["rows_loaded"] == 0
+    assert again.metadata()["last_processed_id"] == 30
+    assert databases.loaded_ids() == list(range(1, 31))
+    assert databases.query("analytical", "SELECT count(*), count(DISTINCT id) FROM posts") == [
+        (30, 30)
+    ]
+
+
+def test_replay_of_an_old_range_does_not_move_the_cursor_back(
+    databases: PipelineDatabases, instance: dg.DagsterInstance
+) -> None:
+    databases.add_source_posts([Post(id=i) for i in range(1, 11)])
+    assert run_job(instance).success
+
+    replay = run_job(instance, start_after_id=0, batch_size=3)
+
+    assert replay.metadata()["window_last_id"] == 3
+    assert replay.metadata()["last_processed_id"] == 10
+    assert run_job(instance).metadata("source_posts_batch")["window_after_id"] == 10
+
+
+def test_without_history_the_cursor_starts_after_the_analytical_tables(
+    databases: PipelineDatabases,
+) -> None:
+    databases.add_source_posts([Post(id=i) for i in range(1, 8)] + [Post(id=8, body="")])
+    with dg.DagsterInstance.ephemeral() as first:
+        assert run_job(first).success
+    databases.add_source_posts([Post(id=9), Post(id=10)])
+
+    with dg.DagsterInstance.ephemeral() as fresh:
+        outcome = run_job(fresh)
+
+    batch = outcome.metadata("source_posts_batch")
+    assert batch["cursor_origin"] == "analytical tables"
+    # 8 was rejected, not loaded: the rejected table counts as processed too.
+    assert batch["window_after_id"] == 8
+    assert batch["rows_in_window"] == 2
+    assert outcome.metadata()["last_processed_id"] == 10
+    assert databases.loaded_ids() == [1, 2, 3, 4, 5, 6, 7, 9, 10]
+
+
+def test_an_empty_source_is_a_successful_run_without_a_cursor(
+    databases: PipelineDatabases, instance: dg.DagsterInstance
+) -> None:
+    databases.add_source_posts([])
+
+    outcome = run_job(instance)
+
+    assert outcome.success
+    assert "last_processed_id" not in outcome.metadata()
+    assert databases.loaded_ids() == []
