@@ -15,7 +15,7 @@ from so_pipeline.source_queries import (
     next_window_bounds,
     source_max_id,
 )
-from so_pipeline.window_loader import load_window
+from so_pipeline.window_loader import WindowLoad, load_window
 
 GROUP_NAME = "stackoverflow"
 
@@ -117,35 +117,27 @@ def filtered_posts(
     """
     window = source_posts_batch
     ensure_analytical_tables(analytical_db)
-    table_metadata = {
-        "dagster/table_name": "posts",
-        "dagster/column_schema": _posts_column_schema(),
-    }
-    if window.is_empty:
-        context.log.info(f"Caught up: nothing after id {window.after_id}; cursor unchanged.")
-        return dg.MaterializeResult(
-            metadata={
-                **table_metadata,
-                **_numbers({CURSOR_METADATA_KEY: window.cursor_before, "rows_loaded": 0}),
-            }
-        )
-
     started = time.monotonic()
-    load = load_window(source_db, analytical_db, window, config.require_owner)
+    if window.is_empty:
+        load = WindowLoad(kept_rows=0, loaded_rows=0, rejected_by_reason={}, wrote_directly=False)
+        cursor_after = window.cursor_before
+        context.log.info(f"Caught up: nothing after id {window.after_id}; cursor unchanged.")
+    else:
+        load = load_window(source_db, analytical_db, window, config.require_owner)
+        # A replay of an older range must not move the cursor back over work already done.
+        cursor_after = max(window.last_id, window.cursor_before or window.last_id)  # type: ignore[type-var]
+        context.log.info(
+            f"Window ({window.after_id}, {window.last_id}]: {load.kept_rows + load.rejected_rows} "
+            f"posts read, {load.loaded_rows} loaded, {load.already_present_rows} already "
+            f"present, {load.rejected_rows} rejected {load.rejected_by_reason or ''}; "
+            f"cursor {window.cursor_before} -> {cursor_after}"
+        )
     seconds = time.monotonic() - started
-    assert window.last_id is not None
-    # A replay of an older range must not move the cursor back over work already done.
-    cursor_after = max(window.last_id, window.cursor_before or window.last_id)
-    rows_examined = load.kept_rows + load.rejected_rows
-    context.log.info(
-        f"Window ({window.after_id}, {window.last_id}]: {rows_examined} posts read, "
-        f"{load.loaded_rows} loaded, {load.already_present_rows} already present, "
-        f"{load.rejected_rows} rejected {load.rejected_by_reason or ''}; "
-        f"cursor {window.cursor_before} -> {cursor_after}"
-    )
+    rows_read = load.kept_rows + load.rejected_rows
     return dg.MaterializeResult(
         metadata={
-            **table_metadata,
+            "dagster/table_name": "posts",
+            "dagster/column_schema": _posts_column_schema(),
             "load_path": "direct COPY" if load.wrote_directly else "staged merge",
             **_numbers(
                 {
@@ -153,7 +145,7 @@ def filtered_posts(
                     "cursor_before": window.cursor_before,
                     "window_after_id": window.after_id,
                     "window_last_id": window.last_id,
-                    "rows_read": rows_examined,
+                    "rows_read": rows_read,
                     "rows_loaded": load.loaded_rows,
                     "rows_already_present": load.already_present_rows,
                     "rows_rejected": load.rejected_rows,
@@ -162,7 +154,7 @@ def filtered_posts(
                         for reason in RejectReason
                     },
                     "duration_seconds": round(seconds, 3),
-                    "rows_per_second": round(rows_examined / seconds) if seconds else None,
+                    "rows_per_second": round(rows_read / seconds) if rows_read else None,
                 }
             ),
         }

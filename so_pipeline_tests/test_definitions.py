@@ -1,0 +1,46 @@
+"""The code location's shape, the schedule, and the shipped Dagster instance settings."""
+
+from datetime import UTC, datetime
+
+import dagster as dg
+import yaml
+
+from so_pipeline.definitions import SERIAL_RUN_TAG, defs
+from so_pipeline_tests.conftest import REPO_ROOT
+
+
+def test_job_materializes_both_assets_in_order() -> None:
+    job = defs.resolve_job_def("stackoverflow_posts_job")
+    assert [node.name for node in job.nodes_in_topological_order] == [
+        "source_posts_batch",
+        "filtered_posts",
+    ]
+    assert job.tags == SERIAL_RUN_TAG
+
+
+def test_schedule_runs_the_job_every_15_minutes() -> None:
+    schedule = defs.resolve_schedule_def("stackoverflow_posts_schedule")
+    assert schedule.cron_schedule == "*/15 * * * *"
+    assert schedule.job_name == "stackoverflow_posts_job"
+    assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
+
+    tick = dg.build_schedule_context(
+        scheduled_execution_time=datetime(2026, 1, 1, 0, 15, tzinfo=UTC)
+    )
+    (request,) = schedule.evaluate_tick(tick).run_requests or []
+    assert request.job_name in (None, "stackoverflow_posts_job")
+
+
+def test_resources_read_their_urls_from_the_environment() -> None:
+    resources = defs.resources
+    assert set(resources) >= {"source_db", "analytical_db"}
+    assert resources["source_db"].url == dg.EnvVar("SO_SOURCE_DATABASE_URL")
+    assert resources["analytical_db"].url == dg.EnvVar("SO_ANALYTICAL_DATABASE_URL")
+
+
+def test_dagster_yaml_limits_the_job_to_one_run_at_a_time() -> None:
+    settings = yaml.safe_load((REPO_ROOT / "dagster.yaml").read_text())
+    limits = settings["run_coordinator"]["config"]["tag_concurrency_limits"]
+    ((key, value),) = SERIAL_RUN_TAG.items()
+    assert {"key": key, "value": value, "limit": 1} in limits
+    assert settings["storage"]["postgres"]["postgres_url"] == {"env": "DAGSTER_PG_URL"}
