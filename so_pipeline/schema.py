@@ -41,14 +41,14 @@ REJECTED_COLUMNS = ("id", "reason", "title", "body", "owner_user_id", "creation_
 PIPELINE_LOCK_ID = 0x50_4F_53_54_53  # "POSTS"
 
 _INTEGER = frozenset({"smallint", "integer", "bigint"})
-_TEXT = frozenset({"text", "character varying", "character"})
+_TEXT = frozenset({"text", "character varying"})
 _TIMESTAMP = frozenset({"timestamp without time zone", "timestamp with time zone"})
 
 # Source column -> the PostgreSQL types it may have (information_schema spelling).
 SOURCE_CONTRACT: dict[str, frozenset[str]] = {
     "id": _INTEGER,
-    "title": _TEXT,
-    "body": _TEXT,
+    "title": _TEXT | {"character"},
+    "body": _TEXT | {"character"},
     "owner_user_id": _INTEGER,
     "creation_date": _TIMESTAMP,
 }

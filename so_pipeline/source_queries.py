@@ -53,8 +53,8 @@ def source_max_id(source_db: PostgresResource) -> int | None:
         return connection.execute(sa.select(sa.func.max(_source_posts.c.id))).scalar_one()
 
 
-# Rows of the window with their reject reason (NULL when kept), cast to the analytical types
-# so that COPY's text format carries them across unchanged.
+# Rows of the window with their reject reason (NULL when kept), cast to exactly the analytical
+# column types, which binary COPY requires.
 _CLASSIFIED_WINDOW = sql.SQL(
     """SELECT id::bigint AS id, title::text AS title, body::text AS body,
         owner_user_id::bigint AS owner_user_id, creation_date::timestamp AS creation_date,
@@ -66,12 +66,12 @@ _CLASSIFIED_WINDOW = sql.SQL(
 
 COPY_KEPT_POSTS = sql.SQL(
     "COPY (SELECT id, title, body, owner_user_id, creation_date FROM ({window}) w "
-    "WHERE reject_reason IS NULL) TO STDOUT"
+    "WHERE reject_reason IS NULL) TO STDOUT (FORMAT binary)"
 ).format(window=_CLASSIFIED_WINDOW)
 
 COPY_REJECTED_POSTS = sql.SQL(
     "COPY (SELECT id, reject_reason, title, body, owner_user_id, creation_date FROM ({window}) w "
-    "WHERE reject_reason IS NOT NULL) TO STDOUT"
+    "WHERE reject_reason IS NOT NULL) TO STDOUT (FORMAT binary)"
 ).format(window=_CLASSIFIED_WINDOW)
 
 

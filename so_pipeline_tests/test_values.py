@@ -3,6 +3,7 @@
 from datetime import datetime
 
 import dagster as dg
+import psycopg
 
 from so_pipeline_tests.conftest import PipelineDatabases, Post, run_job
 
@@ -80,3 +81,25 @@ def test_one_large_window_loads_exactly_what_tick_sized_windows_load(
     assert ticked.query("analytical", tables) == large_posts
     assert ticked.query("analytical", rejected) == large_rejected
     assert len(large_posts) + len(large_rejected) == 300
+
+
+def test_other_source_column_types_are_converted_to_the_analytical_ones(
+    databases: PipelineDatabases, instance: dg.DagsterInstance
+) -> None:
+    """integer ids, varchar text and timestamptz dates (taken as UTC) load like the rest."""
+    with psycopg.connect(databases.source_url, autocommit=True) as connection:
+        connection.execute(
+            "CREATE TABLE posts (id integer PRIMARY KEY, title varchar(200), body varchar, "
+            "owner_user_id integer, creation_date timestamptz, score integer)"
+        )
+        connection.execute(
+            "INSERT INTO posts VALUES (1, 'T', 'b', 5, '2021-06-01 12:00:00.123456+02', 3), "
+            "(2, NULL, '  ', 6, '2021-06-01 00:00:00+00', 1)"
+        )
+
+    assert run_job(instance).success
+
+    assert databases.query("analytical", f"SELECT {COLUMNS} FROM posts") == [
+        (1, "T", "b", 5, datetime(2021, 6, 1, 10, 0, 0, 123456))
+    ]
+    assert databases.rejected() == {2: "body_whitespace_only"}
