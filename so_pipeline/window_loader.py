@@ -8,6 +8,7 @@ so memory stays flat whatever the window size.
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from queue import Queue
 
 import psycopg
 from psycopg import sql
@@ -23,8 +24,19 @@ from so_pipeline.source_queries import (
 )
 
 
-# Rows are regrouped into chunks of this size on their way to the target (memory per pipe).
+# Rows are regrouped into chunks of this size on their way to the target, and at most
+# PIPE_QUEUE_CHUNKS of them wait for the writer thread: memory stays bounded (~4 MB per pipe)
+# when the source reads faster than the target writes.
 PIPE_CHUNK_BYTES = 256 * 1024
+PIPE_QUEUE_CHUNKS = 16
+
+
+class _BoundedQueuedWriter(QueuedLibpqWriter):
+    """psycopg's queued COPY writer, with a short queue instead of its default 1024 buffers."""
+
+    def __init__(self, cursor: psycopg.Cursor) -> None:
+        super().__init__(cursor)
+        self._queue = Queue(maxsize=PIPE_QUEUE_CHUNKS)
 
 
 @dataclass(frozen=True)
@@ -151,7 +163,7 @@ def _pipe(
         # writing from a thread while this one reads, took 1M posts from 8.2 s to 4.4 s.
         with (
             reader.copy(copy_out, params) as rows_out,
-            writer.copy(copy_in, writer=QueuedLibpqWriter(writer)) as rows_in,
+            writer.copy(copy_in, writer=_BoundedQueuedWriter(writer)) as rows_in,
         ):
             chunk = bytearray()
             for block in rows_out:
