@@ -23,6 +23,13 @@ GROUP_NAME = "stackoverflow"
 # short; raise it for a catch-up run, memory does not grow with it.
 DEFAULT_BATCH_SIZE = 100_000
 
+# Ids are handed out at INSERT and become visible at COMMIT, so a slow transaction can land
+# below the cursor. On Stack Overflow 1,000 ids are a few hours of posts: far longer than any
+# insert transaction, and re-reading them costs milliseconds.
+DEFAULT_LOOKBACK_IDS = 1_000
+
+RETRY_POLICY = dg.RetryPolicy(max_retries=3, delay=1, backoff=dg.Backoff.EXPONENTIAL)
+
 
 class SourceBatchConfig(dg.Config):
     batch_size: int = Field(
@@ -32,6 +39,12 @@ class SourceBatchConfig(dg.Config):
         default=None,
         description="Replay: process the ids after this one instead of after the cursor. "
         "The cursor never moves backwards.",
+    )
+    lookback_ids: int = Field(
+        default=DEFAULT_LOOKBACK_IDS,
+        ge=0,
+        description="Also re-read this many ids just below the cursor, for rows that committed "
+        "late (after a higher id had been read). Idempotent loading makes it safe.",
     )
 
 
@@ -50,6 +63,7 @@ def _numbers(values: dict[str, int | float | None]) -> dict[str, int | float]:
     kinds={"postgres"},
     group_name=GROUP_NAME,
     owners=["team:data-engineering"],
+    retry_policy=RETRY_POLICY,
 )
 def source_posts_batch(
     context: dg.AssetExecutionContext,
@@ -64,17 +78,25 @@ def source_posts_batch(
     if cursor is None:
         cursor = cursor_from_analytical(analytical_db)
         cursor_origin = "analytical tables" if cursor is not None else "start of source"
-    after_id = cursor if config.start_after_id is None else config.start_after_id
-    if config.start_after_id is not None:
+    if config.start_after_id is None:
+        after_id = cursor
+        read_after_id = None if cursor is None else cursor - config.lookback_ids
+    else:
+        after_id = read_after_id = config.start_after_id
         cursor_origin = "start_after_id (replay)"
-    rows, first_id, last_id = next_window_bounds(source_db, after_id, config.batch_size)
+    new_rows, first_id, last_new_id = next_window_bounds(source_db, after_id, config.batch_size)
     highest_source_id = source_max_id(source_db)
-    window = PostWindow(after_id=after_id, last_id=last_id, row_count=rows, cursor_before=cursor)
-    context.log.info(
-        f"Window after id {after_id} (cursor from {cursor_origin}): {rows} posts, "
-        f"ids {first_id}..{last_id}; source max id {highest_source_id}"
+    window = PostWindow(
+        read_after_id=read_after_id,
+        after_id=after_id,
+        last_id=last_new_id if last_new_id is not None else after_id,
+        new_rows=new_rows,
+        cursor_before=cursor,
     )
-    reached = last_id if last_id is not None else after_id
+    context.log.info(
+        f"Window ({window.read_after_id}, {window.last_id}]: {new_rows} new posts after id "
+        f"{after_id} (cursor from {cursor_origin}); source max id {highest_source_id}"
+    )
     return dg.Output(
         window,
         metadata={
@@ -83,13 +105,14 @@ def source_posts_batch(
                 {
                     "cursor_before": cursor,
                     "window_after_id": after_id,
+                    "lookback_after_id": read_after_id,
                     "window_first_id": first_id,
-                    "window_last_id": last_id,
-                    "rows_in_window": rows,
+                    "window_last_id": window.last_id,
+                    "rows_in_window": new_rows,
                     "source_max_id": highest_source_id,
                     "ids_behind_source": (
-                        highest_source_id - reached
-                        if highest_source_id is not None and reached is not None
+                        highest_source_id - window.last_id
+                        if highest_source_id is not None and window.last_id is not None
                         else None
                     ),
                 }
@@ -102,6 +125,7 @@ def source_posts_batch(
     kinds={"postgres"},
     group_name=GROUP_NAME,
     owners=["team:data-engineering"],
+    retry_policy=RETRY_POLICY,
 )
 def filtered_posts(
     context: dg.AssetExecutionContext,
@@ -119,21 +143,23 @@ def filtered_posts(
     ensure_analytical_tables(analytical_db)
     started = time.monotonic()
     if window.is_empty:
-        load = WindowLoad(kept_rows=0, loaded_rows=0, rejected_by_reason={}, wrote_directly=False)
-        cursor_after = window.cursor_before
+        load = WindowLoad(0, 0, 0, {}, wrote_directly=False)
         context.log.info(f"Caught up: nothing after id {window.after_id}; cursor unchanged.")
     else:
         load = load_window(source_db, analytical_db, window, config.require_owner)
-        # A replay of an older range must not move the cursor back over work already done.
-        cursor_after = max(window.last_id, window.cursor_before or window.last_id)  # type: ignore[type-var]
+    seconds = time.monotonic() - started
+    # A replay of an older range must not move the cursor back over work already done.
+    cursor_after = max(
+        (i for i in (window.cursor_before, window.last_id) if i is not None), default=None
+    )
+    rows_read = load.kept_rows + load.rejected_rows
+    if not window.is_empty:
         context.log.info(
-            f"Window ({window.after_id}, {window.last_id}]: {load.kept_rows + load.rejected_rows} "
-            f"posts read, {load.loaded_rows} loaded, {load.already_present_rows} already "
-            f"present, {load.rejected_rows} rejected {load.rejected_by_reason or ''}; "
+            f"Window ({window.read_after_id}, {window.last_id}]: {rows_read} posts read, "
+            f"{load.loaded_rows} loaded, {load.already_present_rows} already present, "
+            f"{load.newly_rejected_rows} newly rejected {load.newly_rejected_by_reason or ''}; "
             f"cursor {window.cursor_before} -> {cursor_after}"
         )
-    seconds = time.monotonic() - started
-    rows_read = load.kept_rows + load.rejected_rows
     return dg.MaterializeResult(
         metadata={
             "dagster/table_name": "posts",
@@ -148,9 +174,9 @@ def filtered_posts(
                     "rows_read": rows_read,
                     "rows_loaded": load.loaded_rows,
                     "rows_already_present": load.already_present_rows,
-                    "rows_rejected": load.rejected_rows,
+                    "rows_rejected": load.newly_rejected_rows,
                     **{
-                        f"rejected_{reason}": load.rejected_by_reason.get(reason, 0)
+                        f"rejected_{reason}": load.newly_rejected_by_reason.get(reason, 0)
                         for reason in RejectReason
                     },
                     "duration_seconds": round(seconds, 3),

@@ -9,6 +9,10 @@ import sys
 from collections import Counter
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import dagster as dg
 
 SAMPLE_DUMP = "cardano-posts.xml.gz"
 DEFAULT_HOME = Path(".so_pipeline")
@@ -86,31 +90,21 @@ class _LocalSetup:
         }
         totals: Counter[str] = Counter()
         with dg.DagsterInstance.get() as instance:
-            for window_number in itertools.count(1):
+            for run_number in itertools.count(1):
                 result = job.execute_in_process(run_config=run_config, instance=instance)
-                metadata = {
-                    key: value.value
-                    for key, value in result.asset_materializations_for_node("filtered_posts")[
-                        0
-                    ].metadata.items()
-                }
-                read = metadata.get("rows_read", 0)
-                if not read:
+                if not _metadata(result, "source_posts_batch")["rows_in_window"]:
                     break
+                metadata = _metadata(result, "filtered_posts")
                 totals.update(
-                    {
-                        k: v
-                        for k, v in metadata.items()
-                        if k.startswith(("rows_", "rej")) and isinstance(v, int)
-                    }
+                    {k: v for k, v in metadata.items() if k.startswith(("rows_", "rejected_"))}
                 )
                 print(
-                    f"run {window_number}: ids ({metadata.get('window_after_id', 'start')}, "
-                    f"{metadata['window_last_id']}]  read {read}  loaded {metadata['rows_loaded']}"
-                    f"  rejected {metadata['rows_rejected']}  "
+                    f"run {run_number}: ids ({metadata.get('window_after_id', 'start')}, "
+                    f"{metadata['window_last_id']}]  read {metadata['rows_read']}  "
+                    f"loaded {metadata['rows_loaded']}  rejected {metadata['rows_rejected']}  "
                     f"cursor -> {metadata['last_processed_id']}"
                 )
-            cursor = metadata.get("last_processed_id")
+            cursor = _metadata(result, "filtered_posts").get("last_processed_id")
         rejected = ", ".join(
             f"{key.removeprefix('rejected_')} {count}"
             for key, count in sorted(totals.items())
@@ -134,6 +128,11 @@ class _LocalSetup:
 
     def stop(self) -> None:
         self.server.stop()
+
+
+def _metadata(result: "dg.ExecuteInProcessResult", asset: str) -> dict[str, Any]:
+    (materialization,) = result.asset_materializations_for_node(asset)
+    return {key: value.value for key, value in materialization.metadata.items()}
 
 
 def _load_dump_command(path: Path, database_url: str | None) -> int:

@@ -20,7 +20,16 @@ class DatabaseConfigError(dg.Failure):
 
 
 class DatabaseUnavailableError(dg.Failure):
-    """The server could not be reached or refused the connection."""
+    """The server could not be reached, or the connection broke: worth a retry."""
+
+
+class DatabaseRefusedError(dg.Failure):
+    """The server answered, but refused: bad credentials, missing database, no privilege."""
+
+
+# SQLSTATE classes that retrying cannot fix: authorization (28), missing database (3D),
+# syntax or access rules (42: missing table or column, insufficient privilege).
+_PERMANENT_SQLSTATE_CLASSES = ("28", "3D", "42")
 
 
 def to_psycopg_url(raw_url: str, resource_name: str) -> sa.URL:
@@ -92,34 +101,47 @@ class PostgresResource(dg.ConfigurableResource):
         try:
             with self.get_engine().begin() as connection:
                 yield connection
-        except sa.exc.OperationalError as error:
-            raise self.unavailable(error.orig or error) from None
+        except sa.exc.DBAPIError as error:
+            raise self._failure(error.orig or error) from None
 
     @contextmanager
     def connect(self) -> Iterator[psycopg.Connection]:
         """A raw psycopg connection (for COPY), closed on exit; not in a transaction yet."""
         try:
             dbapi_connection = self.get_engine().raw_connection()
-        except sa.exc.OperationalError as error:
-            raise self.unavailable(error.orig or error) from None
+        except sa.exc.DBAPIError as error:
+            raise self._failure(error.orig or error) from None
         try:
             connection: psycopg.Connection = dbapi_connection.driver_connection  # type: ignore[assignment]
             connection.autocommit = True
             yield connection
-        except psycopg.OperationalError as error:
-            raise self.unavailable(error) from None
+        except psycopg.Error as error:
+            if connection.broken or _is_permanent(error):
+                raise self._failure(error) from None
+            raise  # e.g. a serialization failure: Dagster's retry policy runs the step again
         finally:
             dbapi_connection.close()
 
-    def unavailable(self, error: BaseException) -> DatabaseUnavailableError:
+    def _failure(self, error: BaseException) -> dg.Failure:
         """A one-line error naming this resource and its host, with any password scrubbed."""
         reason = " ".join(str(error).split())
         password = to_psycopg_url(self.url, self.resource_name).password
         if password:
             reason = reason.replace(password, "***")
+        if _is_permanent(error):
+            return DatabaseRefusedError(
+                description=f"{self.resource_name}: PostgreSQL at {self.location} refused: "
+                f"{reason}",
+                allow_retries=False,
+            )
         return DatabaseUnavailableError(
             description=f"{self.resource_name}: cannot use PostgreSQL at {self.location}: {reason}"
         )
+
+
+def _is_permanent(error: BaseException) -> bool:
+    sqlstate = getattr(error, "sqlstate", None) or ""
+    return sqlstate.startswith(_PERMANENT_SQLSTATE_CLASSES)
 
 
 def _setup_session(dbapi_connection: psycopg.Connection, _record: object) -> None:

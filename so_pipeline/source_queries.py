@@ -15,20 +15,23 @@ _source_posts = sa.table(SOURCE_TABLE, sa.column("id", sa.BigInteger))
 
 @dataclass(frozen=True)
 class PostWindow:
-    """The ids `after_id < id <= last_id` of the source: what one run processes.
+    """Source ids `read_after_id < id <= last_id`: what one run reads.
 
-    Only these bounds pass between the assets; `filtered_posts` streams the rows itself, so
-    no window is ever held in memory. `after_id` None means "from the first post".
+    Ids above `after_id` (the cursor, or a replay's start) are new; those in
+    `(read_after_id, after_id]` are the look-back, re-read in case a late row committed there
+    after the previous run. Only these bounds pass between the assets: `filtered_posts`
+    streams the rows itself, so no window is ever held in memory. None means "from the start".
     """
 
+    read_after_id: int | None
     after_id: int | None
     last_id: int | None
-    row_count: int
+    new_rows: int
     cursor_before: int | None
 
     @property
     def is_empty(self) -> bool:
-        return self.last_id is None
+        return self.last_id is None or self.last_id == self.read_after_id
 
 
 def next_window_bounds(
@@ -75,5 +78,6 @@ COPY_REJECTED_POSTS = sql.SQL(
 ).format(window=_CLASSIFIED_WINDOW)
 
 
-def window_params(window: PostWindow, require_owner: bool) -> dict[str, object]:
-    return {"after_id": window.after_id, "last_id": window.last_id, **rule_params(require_owner)}
+def range_params(after_id: int | None, last_id: int, require_owner: bool) -> dict[str, object]:
+    """Parameters of COPY_KEPT_POSTS / COPY_REJECTED_POSTS for the ids in (after_id, last_id]."""
+    return {"after_id": after_id, "last_id": last_id, **rule_params(require_owner)}

@@ -6,9 +6,12 @@ the analytical type, so the bytes fit as they are): no row is ever parsed or hel
 so memory stays flat whatever the window size.
 """
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from queue import Queue
+from tempfile import SpooledTemporaryFile
+from typing import IO
 
 import psycopg
 from psycopg import sql
@@ -20,23 +23,16 @@ from so_pipeline.source_queries import (
     COPY_KEPT_POSTS,
     COPY_REJECTED_POSTS,
     PostWindow,
-    window_params,
+    range_params,
 )
-
 
 # Rows are regrouped into chunks of this size on their way to the target, and at most
 # PIPE_QUEUE_CHUNKS of them wait for the writer thread: memory stays bounded (~4 MB per pipe)
 # when the source reads faster than the target writes.
 PIPE_CHUNK_BYTES = 256 * 1024
 PIPE_QUEUE_CHUNKS = 16
-
-
-class _BoundedQueuedWriter(QueuedLibpqWriter):
-    """psycopg's queued COPY writer, with a short queue instead of its default 1024 buffers."""
-
-    def __init__(self, cursor: psycopg.Cursor) -> None:
-        super().__init__(cursor)
-        self._queue = Queue(maxsize=PIPE_QUEUE_CHUNKS)
+# Rejected rows wait in memory up to this size, then in a temporary file.
+REJECTED_SPOOL_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -45,16 +41,17 @@ class WindowLoad:
 
     kept_rows: int
     loaded_rows: int
-    rejected_by_reason: dict[str, int]
+    rejected_rows: int
+    newly_rejected_by_reason: dict[str, int]
     wrote_directly: bool
-
-    @property
-    def rejected_rows(self) -> int:
-        return sum(self.rejected_by_reason.values())
 
     @property
     def already_present_rows(self) -> int:
         return self.kept_rows - self.loaded_rows
+
+    @property
+    def newly_rejected_rows(self) -> int:
+        return sum(self.newly_rejected_by_reason.values())
 
 
 def load_window(
@@ -66,70 +63,114 @@ def load_window(
     """Copy the window's kept posts into `posts` and its rejected ones into `posts_rejected`.
 
     Commits all or nothing. Loading is idempotent (`ON CONFLICT (id) DO NOTHING`), so a window
-    that is re-read after a crash, a replay or an overlapping run adds nothing twice.
+    that is re-read after a crash, a replay, a look-back or an overlapping run adds nothing
+    twice. Rejected rows are read on a second source connection sharing the first one's
+    snapshot, at the same time as the kept rows stream: together they are exactly the window.
     """
-    params = window_params(window, require_owner)
-    with analytical_db.connect() as target, source_db.connect() as source:
-        # One snapshot for both source reads, so kept + rejected is exactly the window.
-        source.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-        source.read_only = True
-        with target.transaction(), source.transaction():
+    assert window.last_id is not None
+    with (
+        analytical_db.connect() as target,
+        source_db.connect() as source,
+        source_db.connect() as side_source,
+    ):
+        for connection in (source, side_source):
+            connection.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+            connection.read_only = True
+        with (
+            target.transaction(),
+            source.transaction(),
+            ThreadPoolExecutor(max_workers=1) as side_thread,
+            SpooledTemporaryFile(max_size=REJECTED_SPOOL_BYTES) as rejected_spool,
+        ):
+            snapshot = source.execute("SELECT pg_export_snapshot()").fetchone()[0]  # type: ignore[index]
+            rejected_read = side_thread.submit(
+                _spool_rejected, side_source, snapshot, window, require_owner, rejected_spool
+            )
             # Held until commit: a concurrent run waits here, then finds the rows present.
             target.execute("SELECT pg_advisory_xact_lock(%s)", [PIPELINE_LOCK_ID])
-            kept, loaded, direct = _load_kept_posts(source, target, params, window.after_id)
-            rejected = _load_rejected_posts(source, target, params)
-    return WindowLoad(kept, loaded, rejected, direct)
+            kept, loaded, direct = _load_kept_posts(source, target, window, require_owner)
+            rejected_read.result()
+            rejected, newly_rejected = _load_rejected_posts(target, rejected_spool)
+    return WindowLoad(kept, loaded, rejected, newly_rejected, direct)
 
 
 def _load_kept_posts(
     source: psycopg.Connection,
     target: psycopg.Connection,
-    params: dict[str, object],
-    after_id: int | None,
+    window: PostWindow,
+    require_owner: bool,
 ) -> tuple[int, int, bool]:
     """Return (rows kept, rows newly loaded, whether COPY went straight into `posts`)."""
+    assert window.last_id is not None
     highest_loaded = target.execute("SELECT max(id) FROM posts").fetchone()[0]  # type: ignore[index]
-    if highest_loaded is None or (after_id is not None and after_id >= highest_loaded):
-        # The whole window lies above every loaded id, so no conflict is possible: write once.
-        try:
-            with target.transaction():
-                copied = _pipe(source, COPY_KEPT_POSTS, params, target, "posts", POST_COLUMNS)
-            return copied, copied, True
-        except psycopg.errors.UniqueViolation:
-            pass  # another writer got there first; the staged path skips what it wrote
-    staged, kept = _stage(source, COPY_KEPT_POSTS, params, target, "posts", POST_COLUMNS)
-    return kept, _insert_missing(target, "posts", staged, POST_COLUMNS), False
+    new_after = window.after_id
+    kept = loaded = 0
+    ranges_to_merge = []
+    if window.read_after_id != new_after:
+        ranges_to_merge.append((window.read_after_id, new_after))  # the look-back
+    wrote_directly = False
+    if new_after is None or new_after < window.last_id:
+        if highest_loaded is None or (new_after is not None and new_after >= highest_loaded):
+            # Every new id lies above every loaded one, so no conflict is possible: write once.
+            # (Another writer would have to bypass the advisory lock to break this; the unique
+            # violation would then fail the run, and its retry would take the merge path.)
+            params = range_params(new_after, window.last_id, require_owner)
+            kept = loaded = _copy_in(target, "posts", POST_COLUMNS, _copy_out(source, params))
+            wrote_directly = True
+        else:
+            ranges_to_merge.append((new_after, window.last_id))
+    if ranges_to_merge:
+        staged = _create_staging_table(target, "posts")
+        for after_id, last_id in ranges_to_merge:
+            params = range_params(after_id, last_id, require_owner)  # type: ignore[arg-type]
+            kept += _copy_in(target, staged, POST_COLUMNS, _copy_out(source, params))
+        loaded += _insert_missing(target, "posts", staged, POST_COLUMNS)
+    return kept, loaded, wrote_directly
+
+
+def _spool_rejected(
+    side_source: psycopg.Connection,
+    snapshot: str,
+    window: PostWindow,
+    require_owner: bool,
+    spool: IO[bytes],
+) -> None:
+    assert window.last_id is not None
+    params = range_params(window.read_after_id, window.last_id, require_owner)
+    with side_source.transaction():
+        side_source.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
+        for chunk in _copy_out(side_source, params, COPY_REJECTED_POSTS):
+            spool.write(chunk)
+    spool.seek(0)
 
 
 def _load_rejected_posts(
-    source: psycopg.Connection, target: psycopg.Connection, params: dict[str, object]
-) -> dict[str, int]:
-    staged, _ = _stage(
-        source, COPY_REJECTED_POSTS, params, target, "posts_rejected", REJECTED_COLUMNS
-    )
+    target: psycopg.Connection, spool: IO[bytes]
+) -> tuple[int, dict[str, int]]:
+    """Merge the spooled rejected rows; return (rows rejected, new rejections by reason)."""
+    staged = _create_staging_table(target, "posts_rejected")
+    chunks = iter(lambda: spool.read(PIPE_CHUNK_BYTES), b"")
+    rejected = _copy_in(target, staged, REJECTED_COLUMNS, chunks)
+    column_list = sql.SQL(", ").join(map(sql.Identifier, REJECTED_COLUMNS))
     counts = target.execute(
-        sql.SQL("SELECT reason, count(*) FROM {} GROUP BY reason ORDER BY reason").format(staged)
+        sql.SQL(
+            "WITH inserted AS (INSERT INTO posts_rejected ({columns}) SELECT {columns} FROM "
+            "{staged} ON CONFLICT (id) DO NOTHING RETURNING reason) "
+            "SELECT reason, count(*) FROM inserted GROUP BY reason"
+        ).format(columns=column_list, staged=staged)
     ).fetchall()
-    _insert_missing(target, "posts_rejected", staged, REJECTED_COLUMNS)
-    return dict(counts)
+    return rejected, dict(counts)  # type: ignore[arg-type]
 
 
-def _stage(
-    source: psycopg.Connection,
-    copy_out: sql.Composable,
-    params: dict[str, object],
-    target: psycopg.Connection,
-    table: str,
-    columns: Sequence[str],
-) -> tuple[sql.Identifier, int]:
-    """COPY into a temporary twin of `table`, dropped at commit; return its name and rows."""
+def _create_staging_table(target: psycopg.Connection, table: str) -> sql.Identifier:
+    """A temporary twin of `table`, dropped at commit."""
     staged = sql.Identifier(f"{table}_incoming")
     target.execute(
         sql.SQL("CREATE TEMPORARY TABLE {} (LIKE {} INCLUDING DEFAULTS) ON COMMIT DROP").format(
             staged, sql.Identifier(table)
         )
     )
-    return staged, _pipe(source, copy_out, params, target, staged, columns)
+    return staged
 
 
 def _insert_missing(
@@ -145,31 +186,48 @@ def _insert_missing(
     return cursor.rowcount
 
 
-def _pipe(
+def _copy_out(
     source: psycopg.Connection,
-    copy_out: sql.Composable,
     params: dict[str, object],
+    statement: sql.Composable = COPY_KEPT_POSTS,
+) -> Iterator[bytes]:
+    """The rows of a source COPY, regrouped into chunks of about PIPE_CHUNK_BYTES.
+
+    libpq hands over one row per read; writing whole chunks instead of rows, from a thread
+    (see _copy_in), took 1M posts from 8.2 s to 4.4 s here.
+    """
+    with source.cursor() as reader, reader.copy(statement, params) as rows_out:
+        chunk = bytearray()
+        for row in rows_out:
+            chunk += row
+            if len(chunk) >= PIPE_CHUNK_BYTES:
+                yield bytes(chunk)
+                chunk.clear()
+        if chunk:
+            yield bytes(chunk)
+
+
+class _BoundedQueuedWriter(QueuedLibpqWriter):
+    """psycopg's queued COPY writer, with a short queue instead of its default 1024 buffers."""
+
+    def __init__(self, cursor: psycopg.Cursor) -> None:
+        super().__init__(cursor)
+        self._queue = Queue(maxsize=PIPE_QUEUE_CHUNKS)
+
+
+def _copy_in(
     target: psycopg.Connection,
     table: str | sql.Identifier,
     columns: Sequence[str],
+    chunks: Iterable[bytes],
 ) -> int:
-    """Stream COPY data from source to target; return the number of rows written."""
+    """COPY binary `chunks` into `table`; return the number of rows written."""
     table_id = table if isinstance(table, sql.Identifier) else sql.Identifier(table)
     copy_in = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT binary)").format(
         table_id, sql.SQL(", ").join(map(sql.Identifier, columns))
     )
-    with source.cursor() as reader, target.cursor() as writer:
-        # libpq hands over one row per read: regrouping rows into chunks before writing, and
-        # writing from a thread while this one reads, took 1M posts from 8.2 s to 4.4 s.
-        with (
-            reader.copy(copy_out, params) as rows_out,
-            writer.copy(copy_in, writer=_BoundedQueuedWriter(writer)) as rows_in,
-        ):
-            chunk = bytearray()
-            for block in rows_out:
-                chunk += block
-                if len(chunk) >= PIPE_CHUNK_BYTES:
-                    rows_in.write(chunk)
-                    chunk = bytearray()
-            rows_in.write(chunk)
+    with target.cursor() as writer:
+        with writer.copy(copy_in, writer=_BoundedQueuedWriter(writer)) as rows_in:
+            for chunk in chunks:
+                rows_in.write(chunk)
         return writer.rowcount

@@ -50,7 +50,7 @@ def test_the_real_sample_arrives_exactly_as_the_xml_says(
     loaded = load_dump(SAMPLE, _source(databases))
     assert loaded.rows_loaded == 2630
 
-    while run_job(instance, batch_size=700).metadata()["rows_read"]:
+    while run_job(instance, batch_size=700).metadata("source_posts_batch")["rows_in_window"]:
         pass
 
     kept, rejected = _expected_from_xml()

@@ -74,7 +74,7 @@ def test_one_large_window_loads_exactly_what_tick_sized_windows_load(
     tick_analytical = postgres_server.url(postgres_server.create_database("so_ticks"))
     monkeypatch.setenv("SO_ANALYTICAL_DATABASE_URL", tick_analytical)
     with dg.DagsterInstance.ephemeral() as ticks:
-        while run_job(ticks, batch_size=17).metadata()["rows_read"]:
+        while run_job(ticks, batch_size=17).metadata("source_posts_batch")["rows_in_window"]:
             pass
     ticked = PipelineDatabases(databases.source_url, tick_analytical)
 
