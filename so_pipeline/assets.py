@@ -153,6 +153,11 @@ def filtered_posts(
         (i for i in (window.cursor_before, window.last_id) if i is not None), default=None
     )
     rows_read = load.kept_rows + load.rejected_rows
+    if load.lock_wait_seconds:
+        context.log.warning(
+            f"Waited {load.lock_wait_seconds:.1f} s for another run holding the load lock; "
+            "rows it had loaded were found present and skipped."
+        )
     if not window.is_empty:
         context.log.info(
             f"Window ({window.read_after_id}, {window.last_id}]: {rows_read} posts read, "
@@ -180,6 +185,7 @@ def filtered_posts(
                         for reason in RejectReason
                     },
                     "duration_seconds": round(seconds, 3),
+                    "lock_wait_seconds": round(load.lock_wait_seconds, 3),
                     "rows_per_second": round(rows_read / seconds) if rows_read else None,
                 }
             ),

@@ -3,6 +3,11 @@
 import dagster as dg
 
 from so_pipeline.assets import filtered_posts, source_posts_batch
+from so_pipeline.checks import (
+    loaded_bodies_are_not_blank,
+    post_ids_are_unique,
+    reconciled_with_source,
+)
 from so_pipeline.resources import PostgresResource
 
 # dagster.yaml limits runs carrying this tag to one at a time, so scheduled ticks queue
@@ -28,6 +33,7 @@ stackoverflow_posts_schedule = dg.ScheduleDefinition(
 
 defs = dg.Definitions(
     assets=[source_posts_batch, filtered_posts],
+    asset_checks=[reconciled_with_source, loaded_bodies_are_not_blank, post_ids_are_unique],
     jobs=[stackoverflow_posts_job],
     schedules=[stackoverflow_posts_schedule],
     resources={

@@ -30,6 +30,14 @@ class DatabaseRefusedError(dg.Failure):
 # SQLSTATE classes that retrying cannot fix: authorization (28), missing database (3D),
 # syntax or access rules (42: missing table or column, insufficient privilege).
 _PERMANENT_SQLSTATE_CLASSES = ("28", "3D", "42")
+# libpq reports a refused login as text only (no SQLSTATE): these are PostgreSQL's own words
+# for the same classes of error (servers with lc_messages other than English will be retried).
+_PERMANENT_LOGIN_MESSAGES = (
+    "password authentication failed",
+    "does not exist",
+    "no pg_hba.conf entry",
+    "permission denied",
+)
 
 
 def to_psycopg_url(raw_url: str, resource_name: str) -> sa.URL:
@@ -140,8 +148,11 @@ class PostgresResource(dg.ConfigurableResource):
 
 
 def _is_permanent(error: BaseException) -> bool:
-    sqlstate = getattr(error, "sqlstate", None) or ""
-    return sqlstate.startswith(_PERMANENT_SQLSTATE_CLASSES)
+    sqlstate = getattr(error, "sqlstate", None)
+    if sqlstate:
+        return sqlstate.startswith(_PERMANENT_SQLSTATE_CLASSES)
+    message = str(error)
+    return "FATAL" in message and any(words in message for words in _PERMANENT_LOGIN_MESSAGES)
 
 
 def _setup_session(dbapi_connection: psycopg.Connection, _record: object) -> None:

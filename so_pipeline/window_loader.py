@@ -6,12 +6,11 @@ the analytical type, so the bytes fit as they are): no row is ever parsed or hel
 so memory stays flat whatever the window size.
 """
 
+import time
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass
 from queue import Queue
-from tempfile import SpooledTemporaryFile
-from typing import IO
 
 import psycopg
 from psycopg import sql
@@ -31,8 +30,6 @@ from so_pipeline.source_queries import (
 # when the source reads faster than the target writes.
 PIPE_CHUNK_BYTES = 256 * 1024
 PIPE_QUEUE_CHUNKS = 16
-# Rejected rows wait in memory up to this size, then in a temporary file.
-REJECTED_SPOOL_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -44,6 +41,7 @@ class WindowLoad:
     rejected_rows: int
     newly_rejected_by_reason: dict[str, int]
     wrote_directly: bool
+    lock_wait_seconds: float = 0.0
 
     @property
     def already_present_rows(self) -> int:
@@ -64,34 +62,30 @@ def load_window(
 
     Commits all or nothing. Loading is idempotent (`ON CONFLICT (id) DO NOTHING`), so a window
     that is re-read after a crash, a replay, a look-back or an overlapping run adds nothing
-    twice. Rejected rows are read on a second source connection sharing the first one's
-    snapshot, at the same time as the kept rows stream: together they are exactly the window.
+    twice.
     """
-    assert window.last_id is not None
-    with (
-        analytical_db.connect() as target,
-        source_db.connect() as source,
-        source_db.connect() as side_source,
-    ):
-        for connection in (source, side_source):
-            connection.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-            connection.read_only = True
-        with (
-            target.transaction(),
-            source.transaction(),
-            ThreadPoolExecutor(max_workers=1) as side_thread,
-            SpooledTemporaryFile(max_size=REJECTED_SPOOL_BYTES) as rejected_spool,
-        ):
-            snapshot = source.execute("SELECT pg_export_snapshot()").fetchone()[0]  # type: ignore[index]
-            rejected_read = side_thread.submit(
-                _spool_rejected, side_source, snapshot, window, require_owner, rejected_spool
-            )
-            # Held until commit: a concurrent run waits here, then finds the rows present.
-            target.execute("SELECT pg_advisory_xact_lock(%s)", [PIPELINE_LOCK_ID])
+    with analytical_db.connect() as target, source_db.connect() as source:
+        # One snapshot for both source reads, so kept + rejected is exactly the window.
+        source.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        source.read_only = True
+        with target.transaction(), source.transaction():
+            lock_wait = _lock_analytical_writes(target)
             kept, loaded, direct = _load_kept_posts(source, target, window, require_owner)
-            rejected_read.result()
-            rejected, newly_rejected = _load_rejected_posts(target, rejected_spool)
-    return WindowLoad(kept, loaded, rejected, newly_rejected, direct)
+            rejected, newly_rejected = _load_rejected_posts(source, target, window, require_owner)
+    return WindowLoad(kept, loaded, rejected, newly_rejected, direct, lock_wait)
+
+
+def _lock_analytical_writes(target: psycopg.Connection) -> float:
+    """Take the pipeline's advisory lock until commit; return the seconds spent waiting.
+
+    A concurrent run waits here, then finds the window's rows present and adds nothing.
+    """
+    acquired = target.execute("SELECT pg_try_advisory_xact_lock(%s)", [PIPELINE_LOCK_ID])
+    if acquired.fetchone()[0]:  # type: ignore[index]
+        return 0.0
+    started = time.monotonic()
+    target.execute("SELECT pg_advisory_xact_lock(%s)", [PIPELINE_LOCK_ID])
+    return time.monotonic() - started
 
 
 def _load_kept_posts(
@@ -115,7 +109,7 @@ def _load_kept_posts(
             # (Another writer would have to bypass the advisory lock to break this; the unique
             # violation would then fail the run, and its retry would take the merge path.)
             params = range_params(new_after, window.last_id, require_owner)
-            kept = loaded = _copy_in(target, "posts", POST_COLUMNS, _copy_out(source, params))
+            kept = loaded = _pipe(source, COPY_KEPT_POSTS, params, target, "posts", POST_COLUMNS)
             wrote_directly = True
         else:
             ranges_to_merge.append((new_after, window.last_id))
@@ -123,34 +117,22 @@ def _load_kept_posts(
         staged = _create_staging_table(target, "posts")
         for after_id, last_id in ranges_to_merge:
             params = range_params(after_id, last_id, require_owner)  # type: ignore[arg-type]
-            kept += _copy_in(target, staged, POST_COLUMNS, _copy_out(source, params))
+            kept += _pipe(source, COPY_KEPT_POSTS, params, target, staged, POST_COLUMNS)
         loaded += _insert_missing(target, "posts", staged, POST_COLUMNS)
     return kept, loaded, wrote_directly
 
 
-def _spool_rejected(
-    side_source: psycopg.Connection,
-    snapshot: str,
+def _load_rejected_posts(
+    source: psycopg.Connection,
+    target: psycopg.Connection,
     window: PostWindow,
     require_owner: bool,
-    spool: IO[bytes],
-) -> None:
+) -> tuple[int, dict[str, int]]:
+    """Merge the window's rejected rows; return (rows rejected, new rejections by reason)."""
     assert window.last_id is not None
     params = range_params(window.read_after_id, window.last_id, require_owner)
-    with side_source.transaction():
-        side_source.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
-        for chunk in _copy_out(side_source, params, COPY_REJECTED_POSTS):
-            spool.write(chunk)
-    spool.seek(0)
-
-
-def _load_rejected_posts(
-    target: psycopg.Connection, spool: IO[bytes]
-) -> tuple[int, dict[str, int]]:
-    """Merge the spooled rejected rows; return (rows rejected, new rejections by reason)."""
     staged = _create_staging_table(target, "posts_rejected")
-    chunks = iter(lambda: spool.read(PIPE_CHUNK_BYTES), b"")
-    rejected = _copy_in(target, staged, REJECTED_COLUMNS, chunks)
+    rejected = _pipe(source, COPY_REJECTED_POSTS, params, target, staged, REJECTED_COLUMNS)
     column_list = sql.SQL(", ").join(map(sql.Identifier, REJECTED_COLUMNS))
     counts = target.execute(
         sql.SQL(
@@ -186,10 +168,22 @@ def _insert_missing(
     return cursor.rowcount
 
 
-def _copy_out(
+def _pipe(
     source: psycopg.Connection,
+    copy_out: sql.Composable,
     params: dict[str, object],
-    statement: sql.Composable = COPY_KEPT_POSTS,
+    target: psycopg.Connection,
+    table: str | sql.Identifier,
+    columns: Sequence[str],
+) -> int:
+    """Stream a source COPY into a target COPY; return the number of rows written."""
+    # closing(): if the target fails, end the source COPY now, before its transaction ends.
+    with closing(_copy_out(source, copy_out, params)) as chunks:
+        return _copy_in(target, table, columns, chunks)
+
+
+def _copy_out(
+    source: psycopg.Connection, statement: sql.Composable, params: dict[str, object]
 ) -> Iterator[bytes]:
     """The rows of a source COPY, regrouped into chunks of about PIPE_CHUNK_BYTES.
 

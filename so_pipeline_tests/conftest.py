@@ -5,6 +5,8 @@ server (its role must be allowed to create databases).
 """
 
 import os
+import shutil
+import sys
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -151,6 +153,7 @@ def run_job(
     batch_size: int | None = None,
     start_after_id: int | None = None,
     require_owner: bool | None = None,
+    lookback_ids: int | None = None,
 ) -> RunOutcome:
     """Run stackoverflow_posts_job in process, as the schedule would, with optional config."""
     batch_config: dict[str, object] = {}
@@ -158,6 +161,8 @@ def run_job(
         batch_config["batch_size"] = batch_size
     if start_after_id is not None:
         batch_config["start_after_id"] = start_after_id
+    if lookback_ids is not None:
+        batch_config["lookback_ids"] = lookback_ids
     ops: dict[str, object] = {"source_posts_batch": {"config": batch_config}}
     if require_owner is not None:
         ops["filtered_posts"] = {"config": {"require_owner": require_owner}}
@@ -169,3 +174,18 @@ def run_job(
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture
+def dagster_home(
+    tmp_path: Path, postgres_server: PostgresServer, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """A DAGSTER_HOME with the repository's dagster.yaml, its storage in a fresh database."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copyfile(REPO_ROOT / "dagster.yaml", home / "dagster.yaml")
+    storage = postgres_server.create_database("dagster")
+    monkeypatch.setenv("DAGSTER_PG_URL", postgres_server.url(storage, "postgresql+psycopg2"))
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    return home

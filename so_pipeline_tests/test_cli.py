@@ -1,31 +1,13 @@
 """The commands users type: `dagster job execute` on the shipped dagster.yaml, and the demo."""
 
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import dagster as dg
 import pytest
 
-from so_pipeline_tests.conftest import REPO_ROOT, PipelineDatabases, Post, PostgresServer
-
-BIN = Path(sys.executable).parent
-
-
-@pytest.fixture
-def dagster_home(
-    tmp_path: Path, postgres_server: PostgresServer, monkeypatch: pytest.MonkeyPatch
-) -> Path:
-    """A DAGSTER_HOME with the repository's dagster.yaml, its storage in a fresh database."""
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    shutil.copyfile(REPO_ROOT / "dagster.yaml", home / "dagster.yaml")
-    storage = postgres_server.create_database("dagster")
-    monkeypatch.setenv("DAGSTER_PG_URL", postgres_server.url(storage, "postgresql+psycopg2"))
-    monkeypatch.setenv("DAGSTER_HOME", str(home))
-    return home
+from so_pipeline_tests.conftest import BIN, REPO_ROOT, PipelineDatabases, Post
 
 
 def _execute_job(*config: str) -> subprocess.CompletedProcess[str]:

@@ -9,12 +9,15 @@ from so_pipeline.definitions import SERIAL_RUN_TAG, defs
 from so_pipeline_tests.conftest import REPO_ROOT
 
 
-def test_job_materializes_both_assets_in_order() -> None:
+def test_job_materializes_both_assets_in_order_then_checks_them() -> None:
     job = defs.resolve_job_def("stackoverflow_posts_job")
-    assert [node.name for node in job.nodes_in_topological_order] == [
-        "source_posts_batch",
-        "filtered_posts",
-    ]
+    nodes = [node.name for node in job.nodes_in_topological_order]
+    assert nodes[:2] == ["source_posts_batch", "filtered_posts"]
+    assert set(nodes[2:]) == {
+        "filtered_posts_reconciled_with_source",
+        "filtered_posts_loaded_bodies_are_not_blank",
+        "filtered_posts_post_ids_are_unique",
+    }
     assert job.tags == SERIAL_RUN_TAG
 
 

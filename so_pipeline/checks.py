@@ -1,0 +1,137 @@
+"""Asset checks on `filtered_posts`: what an operator would otherwise verify by hand."""
+
+import dagster as dg
+import sqlalchemy as sa
+
+from so_pipeline.assets import filtered_posts
+from so_pipeline.cursor import CURSOR_METADATA_KEY, FILTERED_POSTS_KEY
+from so_pipeline.post_rules import NON_WHITESPACE_REGEX
+from so_pipeline.resources import PostgresResource
+
+# Reconciliation compares id counts per bucket of this many ids, then narrows the first
+# mismatching bucket down to buckets of FINE_BUCKET_IDS to name a small range.
+COARSE_BUCKET_IDS = 1_000_000
+FINE_BUCKET_IDS = 1_000
+
+_SOURCE_BUCKETS = sa.text(
+    "SELECT div(id, :bucket) AS bucket, count(*) FROM posts "
+    "WHERE id > :low AND id <= :high GROUP BY 1"
+)
+_ANALYTICAL_BUCKETS = sa.text(
+    "SELECT div(id, :bucket) AS bucket, count(*) FROM ("
+    "  SELECT id FROM posts WHERE id > :low AND id <= :high"
+    "  UNION ALL SELECT id FROM posts_rejected WHERE id > :low AND id <= :high"
+    ") AS processed GROUP BY 1"
+)
+_LOWEST_ID = -(2**63)
+
+
+def _latest_metadata(instance: dg.DagsterInstance) -> dict[str, object]:
+    event = instance.get_latest_materialization_event(FILTERED_POSTS_KEY)
+    if event is None or event.asset_materialization is None:
+        return {}
+    return {key: value.value for key, value in event.asset_materialization.metadata.items()}
+
+
+def _bucket_counts(
+    database: PostgresResource, query: sa.TextClause, bucket: int, low: int, high: int
+) -> dict[int, int]:
+    with database.begin() as connection:
+        rows = connection.execute(query, {"bucket": bucket, "low": low, "high": high}).all()
+    return {int(key): int(count) for key, count in rows}
+
+
+def _first_mismatch(
+    source_db: PostgresResource, analytical_db: PostgresResource, bucket: int, low: int, high: int
+) -> tuple[int, int, int] | None:
+    """(first bucket, source count, analytical count) of the first bucket that differs."""
+    source = _bucket_counts(source_db, _SOURCE_BUCKETS, bucket, low, high)
+    analytical = _bucket_counts(analytical_db, _ANALYTICAL_BUCKETS, bucket, low, high)
+    for key in sorted(set(source) | set(analytical)):
+        if source.get(key, 0) != analytical.get(key, 0):
+            return key, source.get(key, 0), analytical.get(key, 0)
+    return None
+
+
+@dg.asset_check(
+    asset=filtered_posts,
+    description="Every source id up to the cursor is in posts or posts_rejected, exactly once, "
+    "and nothing else is: no post lost (a late row outside the look-back), none invented.",
+)
+def reconciled_with_source(
+    context: dg.AssetCheckExecutionContext,
+    source_db: PostgresResource,
+    analytical_db: PostgresResource,
+) -> dg.AssetCheckResult:
+    cursor = _latest_metadata(context.instance).get(CURSOR_METADATA_KEY)
+    if cursor is None:
+        return dg.AssetCheckResult(passed=True, metadata={"ids_checked_up_to": "none yet"})
+    assert isinstance(cursor, int)
+    mismatch = _first_mismatch(source_db, analytical_db, COARSE_BUCKET_IDS, _LOWEST_ID, cursor)
+    if mismatch is None:
+        return dg.AssetCheckResult(passed=True, metadata={"ids_checked_up_to": cursor})
+    size, start = COARSE_BUCKET_IDS, mismatch[0] * COARSE_BUCKET_IDS
+    high = min(cursor, start + COARSE_BUCKET_IDS - 1)
+    refined = _first_mismatch(source_db, analytical_db, FINE_BUCKET_IDS, start - 1, high)
+    if refined is not None:
+        mismatch, size = refined, FINE_BUCKET_IDS
+    first_id = mismatch[0] * size
+    range_text = f"{first_id}..{first_id + size - 1}"
+    _, source_count, analytical_count = mismatch
+    return dg.AssetCheckResult(
+        passed=False,
+        description=f"ids {range_text}: the source has {source_count} posts, the analytical "
+        f"database {analytical_count} (posts + posts_rejected). Replay from before this range "
+        "with start_after_id to load missing rows.",
+        metadata={
+            "first_mismatching_ids": range_text,
+            "source_posts": source_count,
+            "analytical_posts_and_rejected": analytical_count,
+            "ids_checked_up_to": cursor,
+        },
+    )
+
+
+@dg.asset_check(
+    asset=filtered_posts,
+    description="No post loaded by the latest run has a NULL, empty or whitespace-only body.",
+)
+def loaded_bodies_are_not_blank(
+    context: dg.AssetCheckExecutionContext, analytical_db: PostgresResource
+) -> dg.AssetCheckResult:
+    metadata = _latest_metadata(context.instance)
+    high = metadata.get(CURSOR_METADATA_KEY)
+    if high is None:
+        return dg.AssetCheckResult(passed=True, metadata={"blank_bodies": 0})
+    low = metadata.get("cursor_before", _LOWEST_ID)
+    with analytical_db.begin() as connection:
+        blank = connection.execute(
+            sa.text(
+                "SELECT count(*), min(id) FROM posts WHERE id > :low AND id <= :high "
+                "AND (body IS NULL OR body !~ :non_whitespace)"
+            ),
+            {"low": low, "high": high, "non_whitespace": NON_WHITESPACE_REGEX},
+        ).one()
+    return dg.AssetCheckResult(
+        passed=blank[0] == 0,
+        metadata={"blank_bodies": blank[0], "ids_checked": f"{low}..{high}"}
+        | ({"first_blank_id": blank[1]} if blank[1] is not None else {}),
+    )
+
+
+@dg.asset_check(
+    asset=filtered_posts,
+    description="posts.id is still the primary key, so no id can be loaded twice.",
+)
+def post_ids_are_unique(analytical_db: PostgresResource) -> dg.AssetCheckResult:
+    with analytical_db.begin() as connection:
+        key_columns = connection.execute(
+            sa.text(
+                "SELECT array_agg(a.attname::text) FROM pg_index i "
+                "JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey) "
+                "WHERE i.indrelid = to_regclass('posts') AND i.indisprimary"
+            )
+        ).scalar_one()
+    return dg.AssetCheckResult(
+        passed=key_columns == ["id"], metadata={"primary_key": str(key_columns)}
+    )
