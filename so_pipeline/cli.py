@@ -31,6 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--batch-size", type=int, default=1000, help="posts per run (window)")
     dev = commands.add_parser("dev", help="set up like demo, then start `dagster dev` on it")
     dev.add_argument("--port", type=int, default=3000)
+    commands.add_parser(
+        "status",
+        help="cursor, backlog and last runs (of the databases in the environment, else of the "
+        "local demo state)",
+    )
     load = commands.add_parser("load-dump", help="load a Posts.xml (or .gz) into the source db")
     load.add_argument("path", type=Path)
     load.add_argument("--database-url", default=os.environ.get("SO_SOURCE_DATABASE_URL"))
@@ -38,8 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "load-dump":
         return _load_dump_command(args.path, args.database_url)
     home: Path = args.home.resolve()
+    if args.command == "status" and "SO_SOURCE_DATABASE_URL" in os.environ:
+        return _print_status()
     local = _LocalSetup(home)
     try:
+        if args.command == "status":
+            return _print_status()
+        local.seed_source()
         if args.command == "demo":
             return local.run_until_caught_up(args.batch_size)
         return local.run_dagster_dev(args.port)
@@ -60,9 +70,8 @@ class _LocalSetup:
         with resources.as_file(resources.files("so_pipeline") / "dagster.yaml") as config:
             shutil.copyfile(config, dagster_home / "dagster.yaml")
         os.environ.update(local_environment(self.server, dagster_home))
-        self._seed_source()
 
-    def _seed_source(self) -> None:
+    def seed_source(self) -> None:
         from so_pipeline.dump_loader import load_dump
         from so_pipeline.resources import PostgresResource
 
@@ -128,6 +137,21 @@ class _LocalSetup:
 
     def stop(self) -> None:
         self.server.stop()
+
+
+def _print_status() -> int:
+    import dagster as dg
+
+    from so_pipeline.resources import PostgresResource
+    from so_pipeline.status import status_report
+
+    source = PostgresResource(resource_name="source_db", url=os.environ["SO_SOURCE_DATABASE_URL"])
+    analytical = PostgresResource(
+        resource_name="analytical_db", url=os.environ.get("SO_ANALYTICAL_DATABASE_URL", "")
+    )
+    with dg.DagsterInstance.get() as instance:
+        print(status_report(instance, source, analytical))
+    return 0
 
 
 def _metadata(result: "dg.ExecuteInProcessResult", asset: str) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The Dagster code location: assets, resources, the job and its schedule."""
+"""The Dagster code location: assets, checks, resources, the job and its schedule."""
 
 import dagster as dg
 
@@ -8,34 +8,19 @@ from so_pipeline.checks import (
     post_ids_are_unique,
     reconciled_with_source,
 )
+from so_pipeline.jobs import (
+    reconciliation_job,
+    reconciliation_schedule,
+    stackoverflow_posts_job,
+    stackoverflow_posts_schedule,
+)
 from so_pipeline.resources import PostgresResource
-
-# dagster.yaml limits runs carrying this tag to one at a time, so scheduled ticks queue
-# instead of overlapping (correctness does not depend on it: loads are idempotent and locked).
-SERIAL_RUN_TAG = {"so_pipeline/serial": "stackoverflow_posts"}
-
-stackoverflow_posts_job = dg.define_asset_job(
-    name="stackoverflow_posts_job",
-    selection=[source_posts_batch, filtered_posts],
-    description="Load the next window of Stack Overflow posts into the analytical database.",
-    # Two light steps: one process saves ~3 s of start-up per run against the default.
-    executor_def=dg.in_process_executor,
-    tags=SERIAL_RUN_TAG,
-)
-
-stackoverflow_posts_schedule = dg.ScheduleDefinition(
-    name="stackoverflow_posts_schedule",
-    job=stackoverflow_posts_job,
-    cron_schedule="*/15 * * * *",
-    execution_timezone="UTC",
-    default_status=dg.DefaultScheduleStatus.RUNNING,
-)
 
 defs = dg.Definitions(
     assets=[source_posts_batch, filtered_posts],
     asset_checks=[reconciled_with_source, loaded_bodies_are_not_blank, post_ids_are_unique],
-    jobs=[stackoverflow_posts_job],
-    schedules=[stackoverflow_posts_schedule],
+    jobs=[stackoverflow_posts_job, reconciliation_job],
+    schedules=[stackoverflow_posts_schedule, reconciliation_schedule],
     resources={
         "source_db": PostgresResource(
             resource_name="source_db", url=dg.EnvVar("SO_SOURCE_DATABASE_URL")

@@ -7,7 +7,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from so_pipeline_tests.conftest import BIN, REPO_ROOT, PipelineDatabases, Post
+from so_pipeline_tests.conftest import BIN, REPO_ROOT, PipelineDatabases, Post, run_job
 
 
 def _execute_job(*config: str) -> subprocess.CompletedProcess[str]:
@@ -62,3 +62,21 @@ def test_demo_loads_the_sample_until_caught_up(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Loaded 2595 posts, rejected 35 (body_empty 33, owner_null 2)" in result.stdout
     assert "last_processed_id = 4805" in result.stdout
+
+
+def test_status_prints_cursor_backlog_and_last_runs(
+    databases: PipelineDatabases, dagster_home: Path
+) -> None:
+    databases.add_source_posts([Post(id=i) for i in range(1, 6)])
+    with dg.DagsterInstance.get() as instance:
+        assert run_job(instance, batch_size=3).success
+
+    result = subprocess.run(
+        [str(BIN / "so-pipeline"), "status"], capture_output=True, text=True, timeout=120
+    )
+
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "cursor (last_processed_id): 3" in result.stdout
+    assert "highest id 5; 2 posts after the cursor" in result.stdout
+    assert "analytical posts: 3 rows" in result.stdout
+    assert "SUCCESS" in result.stdout

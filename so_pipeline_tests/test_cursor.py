@@ -104,3 +104,33 @@ def test_an_empty_source_is_a_successful_run_without_a_cursor(
     assert outcome.success
     assert "last_processed_id" not in outcome.metadata()
     assert databases.loaded_ids() == []
+
+
+def test_the_schedule_skips_with_a_reason_when_nothing_is_new(
+    databases: PipelineDatabases,
+) -> None:
+    from so_pipeline.definitions import defs
+    from so_pipeline.resources import PostgresResource
+
+    schedule = defs.resolve_schedule_def("stackoverflow_posts_schedule")
+    source = PostgresResource(resource_name="source_db", url=databases.source_url)
+    databases.add_source_posts([Post(id=1), Post(id=2)])
+
+    # Schedules are evaluated against a persistent instance, as the daemon does.
+    with dg.instance_for_test() as instance:
+
+        def tick():  # -> ScheduleExecutionData, which Dagster does not export
+            with dg.build_schedule_context(
+                instance=instance, resources={"source_db": source}
+            ) as context:
+                return schedule.evaluate_tick(context)
+
+        assert tick().run_requests  # no history yet: run
+        assert run_job(instance).success
+        caught_up = tick()
+        assert not caught_up.run_requests
+        assert "Nothing new" in (caught_up.skip_message or "")
+        assert "cursor (2)" in (caught_up.skip_message or "")
+
+        databases.add_source_posts([Post(id=3)])
+        assert tick().run_requests

@@ -1,11 +1,10 @@
 """The code location's shape, the schedule, and the shipped Dagster instance settings."""
 
-from datetime import UTC, datetime
-
 import dagster as dg
 import yaml
 
-from so_pipeline.definitions import SERIAL_RUN_TAG, defs
+from so_pipeline.definitions import defs
+from so_pipeline.jobs import SERIAL_RUN_TAG
 from so_pipeline_tests.conftest import REPO_ROOT
 
 
@@ -14,7 +13,6 @@ def test_job_materializes_both_assets_in_order_then_checks_them() -> None:
     nodes = [node.name for node in job.nodes_in_topological_order]
     assert nodes[:2] == ["source_posts_batch", "filtered_posts"]
     assert set(nodes[2:]) == {
-        "filtered_posts_reconciled_with_source",
         "filtered_posts_loaded_bodies_are_not_blank",
         "filtered_posts_post_ids_are_unique",
     }
@@ -27,11 +25,14 @@ def test_schedule_runs_the_job_every_15_minutes() -> None:
     assert schedule.job_name == "stackoverflow_posts_job"
     assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
 
-    tick = dg.build_schedule_context(
-        scheduled_execution_time=datetime(2026, 1, 1, 0, 15, tzinfo=UTC)
-    )
-    (request,) = schedule.evaluate_tick(tick).run_requests or []
-    assert request.job_name in (None, "stackoverflow_posts_job")
+
+def test_the_full_reconciliation_runs_daily_in_its_own_job() -> None:
+    job = defs.resolve_job_def("stackoverflow_posts_reconciliation_job")
+    assert [node.name for node in job.nodes_in_topological_order] == [
+        "filtered_posts_reconciled_with_source"
+    ]
+    schedule = defs.resolve_schedule_def("stackoverflow_posts_reconciliation_schedule")
+    assert (schedule.cron_schedule, schedule.job_name) == ("30 3 * * *", job.name)
 
 
 def test_resources_read_their_urls_from_the_environment() -> None:

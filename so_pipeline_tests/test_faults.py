@@ -12,6 +12,7 @@ import dagster as dg
 import psycopg
 import pytest
 
+from so_pipeline.definitions import defs
 from so_pipeline.dump_loader import create_posts_table
 from so_pipeline_tests.conftest import BIN, REPO_ROOT, PipelineDatabases, Post, run_job
 
@@ -182,11 +183,8 @@ def test_late_rows_inside_the_look_back_are_loaded_and_others_reported(
     assert outcome.success
     assert 45 in databases.loaded_ids()
     assert 5 not in databases.loaded_ids()
-    (check,) = [
-        e
-        for e in outcome.result.get_asset_check_evaluations()
-        if e.check_name == "reconciled_with_source"
-    ]
+    reconciliation = defs.resolve_job_def("stackoverflow_posts_reconciliation_job")
+    (check,) = reconciliation.execute_in_process(instance=instance).get_asset_check_evaluations()
     assert not check.passed
     assert check.metadata["first_mismatching_ids"].value == "0..999"
     assert (
@@ -197,3 +195,5 @@ def test_late_rows_inside_the_look_back_are_loaded_and_others_reported(
     # The fix the check suggests: a replay from before the range.
     assert run_job(instance, start_after_id=0).success
     assert 5 in databases.loaded_ids()
+    (check,) = reconciliation.execute_in_process(instance=instance).get_asset_check_evaluations()
+    assert check.passed
