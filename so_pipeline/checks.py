@@ -94,29 +94,21 @@ def reconciled_with_source(
 
 @dg.asset_check(
     asset=filtered_posts,
-    description="No post loaded by the latest run has a NULL, empty or whitespace-only body.",
+    description="No post in posts has a NULL, empty or whitespace-only body.",
 )
-def loaded_bodies_are_not_blank(
-    context: dg.AssetCheckExecutionContext, analytical_db: PostgresResource
-) -> dg.AssetCheckResult:
-    metadata = _latest_metadata(context.instance)
-    high = metadata.get(CURSOR_METADATA_KEY)
-    if high is None:
-        return dg.AssetCheckResult(passed=True, metadata={"blank_bodies": 0})
-    low = metadata.get("cursor_before", _LOWEST_ID)
+def loaded_bodies_are_not_blank(analytical_db: PostgresResource) -> dg.AssetCheckResult:
     with analytical_db.begin() as connection:
-        blank = connection.execute(
+        blank, first_blank_id = connection.execute(
             sa.text(
-                "SELECT count(*), min(id) FROM posts WHERE id > :low AND id <= :high "
-                "AND (body IS NULL OR (left(body, 64) !~ :non_whitespace "
-                "AND body !~ :non_whitespace))"
+                "SELECT count(*), min(id) FROM posts WHERE body IS NULL "
+                "OR (left(body, 64) !~ :non_whitespace AND body !~ :non_whitespace)"
             ),
-            {"low": low, "high": high, "non_whitespace": NON_WHITESPACE_REGEX},
+            {"non_whitespace": NON_WHITESPACE_REGEX},
         ).one()
     return dg.AssetCheckResult(
-        passed=blank[0] == 0,
-        metadata={"blank_bodies": blank[0], "ids_checked": f"{low}..{high}"}
-        | ({"first_blank_id": blank[1]} if blank[1] is not None else {}),
+        passed=blank == 0,
+        metadata={"blank_bodies": blank}
+        | ({"first_blank_id": first_blank_id} if first_blank_id is not None else {}),
     )
 
 
