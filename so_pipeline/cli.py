@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import dagster as dg
 
+    from so_pipeline.dump_loader import DumpProgress
+
 SAMPLE_DUMP = "cardano-posts.xml.gz"
 DEFAULT_HOME = Path(".so_pipeline")
 
@@ -159,6 +161,10 @@ def _metadata(result: "dg.ExecuteInProcessResult", asset: str) -> dict[str, Any]
     return {key: value.value for key, value in materialization.metadata.items()}
 
 
+def _print_progress(progress: "DumpProgress") -> None:
+    print(f"  {progress.describe()}", flush=True)
+
+
 def _load_dump_command(path: Path, database_url: str | None) -> int:
     from so_pipeline.dump_loader import DumpError, load_dump
     from so_pipeline.resources import PostgresResource
@@ -168,7 +174,9 @@ def _load_dump_command(path: Path, database_url: str | None) -> int:
         return 2
     source = PostgresResource(resource_name="source_db", url=database_url)
     try:
-        result = load_dump(path, source, on_progress=lambda rows: print(f"  {rows} rows loaded"))
+        result = load_dump(
+            path, source, on_progress=lambda p: print(f"  {p.describe()}", flush=True)
+        )
     except DumpError as error:
         print(f"load-dump: {error}", file=sys.stderr)
         return 1

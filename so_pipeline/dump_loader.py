@@ -6,9 +6,9 @@ id order, so a re-run resumes after the highest id already loaded.
 """
 
 import gzip
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -16,6 +16,7 @@ from typing import IO
 import psycopg
 from psycopg import sql
 
+from so_pipeline.dump_archives import DumpError, open_dump
 from so_pipeline.resources import PostgresResource
 
 # Dump attribute -> (column, PostgreSQL type). Values are passed to COPY as the dump's text.
@@ -45,15 +46,34 @@ DUMP_COLUMNS: dict[str, tuple[str, str]] = {
 }
 
 
-class DumpError(Exception):
-    """The file is not a readable posts dump; the message names the file and position."""
-
-
 @dataclass(frozen=True)
 class DumpLoad:
     rows_loaded: int
     rows_skipped: int
     resumed_after_id: int | None
+
+
+@dataclass(frozen=True)
+class DumpProgress:
+    rows_loaded: int
+    rows_skipped: int
+    bytes_done: int
+    total_bytes: int
+    seconds: float
+
+    def describe(self) -> str:
+        """One line for a terminal: rows, MB, rates and the time left."""
+        rate = self.rows_loaded / self.seconds if self.seconds else 0.0
+        mb_per_second = self.bytes_done / 1e6 / self.seconds if self.seconds else 0.0
+        eta = ""
+        if self.bytes_done and self.total_bytes > self.bytes_done:
+            left = self.seconds * (self.total_bytes - self.bytes_done) / self.bytes_done
+            eta = f"  ETA {int(left) // 3600}:{int(left) % 3600 // 60:02d}:{int(left) % 60:02d}"
+        skipped = f" ({self.rows_skipped:,} already present)" if self.rows_skipped else ""
+        return (
+            f"{self.rows_loaded:,} rows{skipped}  {self.bytes_done / 1e6:,.1f} of "
+            f"{self.total_bytes / 1e6:,.1f} MB  {rate:,.0f} rows/s  {mb_per_second:,.1f} MB/s{eta}"
+        )
 
 
 def create_posts_table(connection: psycopg.Connection) -> None:
@@ -62,18 +82,6 @@ def create_posts_table(connection: psycopg.Connection) -> None:
         for name, pg_type in DUMP_COLUMNS.values()
     )
     connection.execute(sql.SQL("CREATE TABLE IF NOT EXISTS posts ({})").format(columns))
-
-
-@contextmanager
-def open_dump(path: Path) -> Iterator[IO[bytes]]:
-    """Open `Posts.xml` or `Posts.xml.gz` as bytes."""
-    opener: Callable[[Path], IO[bytes]] = gzip.open if path.suffix == ".gz" else open  # type: ignore[assignment]
-    try:
-        stream = opener(path, "rb")  # type: ignore[call-arg]
-    except OSError as error:
-        raise DumpError(f"{path}: cannot open: {error.strerror or error}") from None
-    with stream:
-        yield stream
 
 
 def iter_rows(stream: IO[bytes], path: Path) -> Iterator[dict[str, str]]:
@@ -96,13 +104,15 @@ def iter_rows(stream: IO[bytes], path: Path) -> Iterator[dict[str, str]]:
         raise DumpError(f"{path}: malformed XML at line {line}, column {column}: {error}") from None
     except (EOFError, gzip.BadGzipFile) as error:
         raise DumpError(f"{path}: truncated or corrupt archive: {error}") from None
+    except OSError as error:
+        raise DumpError(f"{path}: cannot read: {error}") from None
 
 
 def load_dump(
     path: Path,
     database: PostgresResource,
     commit_every: int = 50_000,
-    on_progress: Callable[[int], None] | None = None,
+    on_progress: Callable[[DumpProgress], None] | None = None,
 ) -> DumpLoad:
     """Load the dump at `path` into `posts`, resuming after the highest id already there."""
     column_names = [name for name, _ in DUMP_COLUMNS.values()]
@@ -111,10 +121,11 @@ def load_dump(
         sql.SQL(", ").join(map(sql.Identifier, column_names))
     )
     loaded = skipped = 0
-    with database.connect() as connection, open_dump(path) as stream:
+    started = time.monotonic()
+    with database.connect() as connection, open_dump(path) as dump:
         create_posts_table(connection)
         resume_after = connection.execute("SELECT max(id) FROM posts").fetchone()[0]  # type: ignore[index]
-        rows = iter_rows(stream, path)
+        rows = iter_rows(dump.stream, path)
         batch_full = True
         while batch_full:
             batch_full = False
@@ -129,5 +140,7 @@ def load_dump(
                         batch_full = True
                         break
             if on_progress:
-                on_progress(loaded)
+                seconds = time.monotonic() - started
+                done = dump.total_bytes if not batch_full else dump.bytes_done()
+                on_progress(DumpProgress(loaded, skipped, done, dump.total_bytes, seconds))
     return DumpLoad(loaded, skipped, resume_after)

@@ -9,7 +9,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from so_pipeline.dump_loader import DumpError, load_dump
+from so_pipeline.dump_loader import DumpError, DumpProgress, load_dump
 from so_pipeline.resources import PostgresResource
 from so_pipeline_tests.conftest import PipelineDatabases, run_job
 
@@ -95,3 +95,41 @@ def test_a_truncated_archive_is_reported(databases: PipelineDatabases, tmp_path:
 
     with pytest.raises(DumpError, match="truncated or corrupt archive"):
         load_dump(truncated, _source(databases))
+
+
+def test_a_7z_dump_streams_like_the_xml(databases: PipelineDatabases, tmp_path: Path) -> None:
+    import py7zr
+
+    xml = tmp_path / "Posts.xml"
+    xml.write_bytes(gzip.decompress(SAMPLE.read_bytes()))
+    archive = tmp_path / "cardano.stackexchange.com.7z"
+    with py7zr.SevenZipFile(archive, "w") as writer:
+        writer.write(xml, "Posts.xml")
+    progress: list[DumpProgress] = []
+
+    loaded = load_dump(archive, _source(databases), commit_every=1000, on_progress=progress.append)
+
+    assert loaded.rows_loaded == 2630
+    assert databases.query("source", "SELECT count(*), max(id) FROM posts") == [(2630, 4805)]
+    assert [p.rows_loaded for p in progress] == [1000, 2000, 2630]
+    assert progress[-1].bytes_done == progress[-1].total_bytes == xml.stat().st_size
+    assert "2,630 rows" in progress[-1].describe()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "no posts"])
+def test_a_broken_7z_is_reported(databases: PipelineDatabases, tmp_path: Path, damage: str) -> None:
+    import py7zr
+
+    member = tmp_path / ("Posts.xml" if damage == "truncate" else "Users.xml")
+    member.write_bytes(gzip.decompress(SAMPLE.read_bytes()))
+    archive = tmp_path / "dump.7z"
+    with py7zr.SevenZipFile(archive, "w") as writer:
+        writer.write(member, member.name)
+    if damage == "truncate":
+        archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    expected = "truncated or corrupt archive" if damage == "truncate" else "holds no Posts.xml"
+
+    with pytest.raises(DumpError, match=expected) as failure:
+        load_dump(archive, _source(databases))
+
+    assert str(archive) in str(failure.value)
