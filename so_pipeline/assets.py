@@ -5,7 +5,12 @@ import time
 import dagster as dg
 from pydantic import Field
 
-from so_pipeline.cursor import CURSOR_METADATA_KEY, cursor_from_analytical, cursor_from_history
+from so_pipeline.cursor import (
+    CURSOR_METADATA_KEY,
+    cursor_from_analytical,
+    cursor_from_history,
+    latest_metadata,
+)
 from so_pipeline.post_rules import RejectReason
 from so_pipeline.resources import PostgresResource
 from so_pipeline.schema import check_source_table, ensure_analytical_tables, posts_table
@@ -15,6 +20,7 @@ from so_pipeline.source_queries import (
     next_window_bounds,
     source_max_id,
 )
+from so_pipeline.table_stats import loaded_posts_preview, posts_row_count
 from so_pipeline.window_loader import WindowLoad, load_window
 
 GROUP_NAME = "stackoverflow"
@@ -148,6 +154,9 @@ def filtered_posts(
     else:
         load = load_window(source_db, analytical_db, window, config.require_owner)
     seconds = time.monotonic() - started
+    row_count = posts_row_count(
+        analytical_db, latest_metadata(context.instance).get("dagster/row_count"), load.loaded_rows
+    )
     # A replay of an older range must not move the cursor back over work already done.
     cursor_after = max(
         (i for i in (window.cursor_before, window.last_id) if i is not None), default=None
@@ -165,11 +174,16 @@ def filtered_posts(
             f"{load.newly_rejected_rows} newly rejected {load.newly_rejected_by_reason or ''}; "
             f"cursor {window.cursor_before} -> {cursor_after}"
         )
+    preview = {}
+    if load.loaded_rows and window.last_id is not None:
+        preview["preview"] = loaded_posts_preview(analytical_db, window.after_id, window.last_id)
     return dg.MaterializeResult(
         metadata={
             "dagster/table_name": "posts",
             "dagster/column_schema": _posts_column_schema(),
+            "dagster/row_count": row_count,
             "load_path": "direct COPY" if load.wrote_directly else "staged merge",
+            **preview,
             **_numbers(
                 {
                     CURSOR_METADATA_KEY: cursor_after,

@@ -4,7 +4,7 @@ import dagster as dg
 import sqlalchemy as sa
 
 from so_pipeline.assets import filtered_posts
-from so_pipeline.cursor import CURSOR_METADATA_KEY, FILTERED_POSTS_KEY
+from so_pipeline.cursor import CURSOR_METADATA_KEY, latest_metadata
 from so_pipeline.post_rules import NON_WHITESPACE_REGEX
 from so_pipeline.resources import PostgresResource
 
@@ -24,13 +24,6 @@ _ANALYTICAL_BUCKETS = sa.text(
     ") AS processed GROUP BY 1"
 )
 _LOWEST_ID = -(2**63)
-
-
-def _latest_metadata(instance: dg.DagsterInstance) -> dict[str, object]:
-    event = instance.get_latest_materialization_event(FILTERED_POSTS_KEY)
-    if event is None or event.asset_materialization is None:
-        return {}
-    return {key: value.value for key, value in event.asset_materialization.metadata.items()}
 
 
 def _bucket_counts(
@@ -63,7 +56,7 @@ def reconciled_with_source(
     source_db: PostgresResource,
     analytical_db: PostgresResource,
 ) -> dg.AssetCheckResult:
-    cursor = _latest_metadata(context.instance).get(CURSOR_METADATA_KEY)
+    cursor = latest_metadata(context.instance).get(CURSOR_METADATA_KEY)
     if cursor is None:
         return dg.AssetCheckResult(passed=True, metadata={"ids_checked_up_to": "none yet"})
     assert isinstance(cursor, int)

@@ -1,5 +1,7 @@
 """The cursor: the highest source id processed, kept in `filtered_posts` materializations."""
 
+from typing import Any
+
 import dagster as dg
 import sqlalchemy as sa
 
@@ -10,13 +12,18 @@ FILTERED_POSTS_KEY = dg.AssetKey("filtered_posts")
 CURSOR_METADATA_KEY = "last_processed_id"
 
 
-def cursor_from_history(instance: dg.DagsterInstance) -> int | None:
-    """`last_processed_id` of the latest `filtered_posts` materialization, if any."""
+def latest_metadata(instance: dg.DagsterInstance) -> dict[str, Any]:
+    """Metadata values of the latest `filtered_posts` materialization ({} when none)."""
     event = instance.get_latest_materialization_event(FILTERED_POSTS_KEY)
     materialization = event.asset_materialization if event else None
-    if materialization is None or CURSOR_METADATA_KEY not in materialization.metadata:
-        return None
-    return int(materialization.metadata[CURSOR_METADATA_KEY].value)  # type: ignore[arg-type]
+    if materialization is None:
+        return {}
+    return {key: value.value for key, value in materialization.metadata.items()}
+
+
+def cursor_from_history(instance: dg.DagsterInstance) -> int | None:
+    """`last_processed_id` of the latest `filtered_posts` materialization, if any."""
+    return latest_metadata(instance).get(CURSOR_METADATA_KEY)
 
 
 def cursor_from_analytical(analytical_db: PostgresResource) -> int | None:

@@ -12,15 +12,20 @@ def test_cursor_advances_window_by_window_until_caught_up(
     ids = [1, 2, 3, 10, 11, 500, 501, 4_000_000, 3_000_000_000, 3_000_000_001]
     databases.add_source_posts([Post(id=i) for i in ids])
 
-    cursors, loaded = [], []
+    cursors, loaded, totals, previews = [], [], [], []
     for _ in range(4):
         outcome = run_job(instance, batch_size=3)
         assert outcome.success
         cursors.append(outcome.metadata()["last_processed_id"])
         loaded.append(outcome.metadata()["rows_loaded"])
+        totals.append(outcome.metadata()["dagster/row_count"])
+        previews.append(outcome.metadata()["preview"])
 
     assert cursors == [3, 500, 3_000_000_000, 3_000_000_001]
     assert loaded == [3, 3, 3, 1]
+    assert totals == [3, 6, 9, 10]
+    assert "| 10 | A title | <p>a body</p> | 7 |" in previews[1]
+    assert "| 1 |" not in previews[1]
     assert databases.loaded_ids() == ids
 
 
