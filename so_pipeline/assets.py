@@ -23,18 +23,23 @@ from so_pipeline.source_queries import (
 from so_pipeline.table_stats import loaded_posts_preview, posts_row_count
 from so_pipeline.window_loader import WindowLoad, load_window
 
-GROUP_NAME = "stackoverflow"
-
 # 100k posts (~120 MB of source data) take a few seconds per tick and keep each transaction
 # short; raise it for a catch-up run, memory does not grow with it.
 DEFAULT_BATCH_SIZE = 100_000
 
 # Ids are handed out at INSERT and become visible at COMMIT, so a slow transaction can land
-# below the cursor. On Stack Overflow 1,000 ids are a few hours of posts: far longer than any
+# below the cursor. On Stack Overflow 1,000 ids span hours of posting: far longer than any
 # insert transaction, and re-reading them costs milliseconds.
 DEFAULT_LOOKBACK_IDS = 1_000
 
-RETRY_POLICY = dg.RetryPolicy(max_retries=3, delay=1, backoff=dg.Backoff.EXPONENTIAL)
+ASSET_OPTIONS = {
+    "kinds": {"postgres"},
+    "group_name": "stackoverflow",
+    "owners": ["team:data-engineering"],
+    # Transient errors (a dropped connection, a serialization failure) are retried after 1, 2
+    # and 4 s; permanent ones raise dg.Failure(allow_retries=False) and fail at once.
+    "retry_policy": dg.RetryPolicy(max_retries=3, delay=1, backoff=dg.Backoff.EXPONENTIAL),
+}
 
 
 class SourceBatchConfig(dg.Config):
@@ -65,12 +70,7 @@ def _numbers(values: dict[str, int | float | None]) -> dict[str, int | float]:
     return {key: value for key, value in values.items() if value is not None}
 
 
-@dg.asset(
-    kinds={"postgres"},
-    group_name=GROUP_NAME,
-    owners=["team:data-engineering"],
-    retry_policy=RETRY_POLICY,
-)
+@dg.asset(**ASSET_OPTIONS)
 def source_posts_batch(
     context: dg.AssetExecutionContext,
     config: SourceBatchConfig,
@@ -127,12 +127,7 @@ def source_posts_batch(
     )
 
 
-@dg.asset(
-    kinds={"postgres"},
-    group_name=GROUP_NAME,
-    owners=["team:data-engineering"],
-    retry_policy=RETRY_POLICY,
-)
+@dg.asset(**ASSET_OPTIONS)
 def filtered_posts(
     context: dg.AssetExecutionContext,
     config: FilterConfig,
