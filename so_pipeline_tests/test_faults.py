@@ -198,3 +198,19 @@ def test_late_rows_inside_the_look_back_are_loaded_and_others_reported(
     assert 5 in databases.loaded_ids()
     checks = reconciliation.execute_in_process(instance=instance).get_asset_check_evaluations()
     assert [c.passed for c in checks] == [True, True]
+
+
+def test_the_shipped_instance_queues_this_job_one_run_at_a_time(
+    dagster_home: Path,
+) -> None:
+    """dagster.yaml, loaded by Dagster itself, limits the job's tag to one run at a time."""
+    with dg.DagsterInstance.get() as instance:
+        queue = instance.run_coordinator.get_run_queue_config()  # type: ignore[attr-defined]
+    (limit,) = queue.tag_concurrency_limits
+    assert (limit["key"], limit["value"], limit["limit"]) == (
+        "so_pipeline/serial",
+        "stackoverflow_posts",
+        1,
+    )
+    job = defs.resolve_job_def("stackoverflow_posts_job")
+    assert job.tags[limit["key"]] == limit["value"]

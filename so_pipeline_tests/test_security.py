@@ -141,3 +141,35 @@ def test_a_malformed_run_config_is_named_before_anything_runs(
         )
     assert expected in str(failure.value)
     assert instance.get_latest_materialization_event(dg.AssetKey("filtered_posts")) is None
+
+
+def test_tls_settings_in_the_url_reach_libpq(databases: PipelineDatabases) -> None:
+    """RDS needs sslmode=verify-full and its root certificate: both travel in the URL.
+
+    (libpq ignores them on the embedded server's Unix socket, so the connection still works
+    here and the test can read back what libpq was given.)
+    """
+    from so_pipeline.resources import PostgresResource
+
+    url = sa.make_url(databases.source_url).update_query_dict(
+        {"sslmode": "verify-full", "sslrootcert": "/etc/ssl/rds/global-bundle.pem"}
+    )
+    source = PostgresResource(resource_name="source_db", url=url.render_as_string(False))
+
+    with source.connect() as connection:
+        given = connection.info.get_parameters()
+
+    assert given["sslmode"] == "verify-full"
+    assert given["sslrootcert"] == "/etc/ssl/rds/global-bundle.pem"
+
+
+def test_an_unreadable_run_config_file_is_reported(
+    databases: PipelineDatabases, dagster_home: Path, tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("ops:\n  source_posts_batch: [unclosed\n")
+
+    result = _run_cli("-c", str(broken))
+
+    assert result.returncode != 0
+    assert "broken.yaml" in result.stdout + result.stderr
