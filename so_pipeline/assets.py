@@ -1,6 +1,7 @@
 """The two assets: pick the next id window of the source, then load its valid posts."""
 
 import time
+from datetime import timedelta
 
 import dagster as dg
 from pydantic import Field
@@ -127,7 +128,14 @@ def source_posts_batch(
     )
 
 
-@dg.asset(**ASSET_OPTIONS)
+@dg.asset(
+    **ASSET_OPTIONS,
+    # Shown on the asset's page: warn after an hour (four ticks) without a new
+    # materialization, fail after three.
+    freshness_policy=dg.FreshnessPolicy.time_window(
+        warn_window=timedelta(hours=1), fail_window=timedelta(hours=3)
+    ),
+)
 def filtered_posts(
     context: dg.AssetExecutionContext,
     config: FilterConfig,

@@ -2,6 +2,7 @@
 
 import dagster as dg
 import sqlalchemy as sa
+from pydantic import Field
 
 from so_pipeline.assets import filtered_posts
 from so_pipeline.cursor import CURSOR_METADATA_KEY, latest_metadata
@@ -103,6 +104,37 @@ def loaded_bodies_are_not_blank(analytical_db: PostgresResource) -> dg.AssetChec
         metadata={"blank_bodies": blank}
         | ({"first_blank_id": first_blank_id} if first_blank_id is not None else {}),
     )
+
+
+class BacklogLimits(dg.Config):
+    warn_ids_behind: int = Field(
+        default=1_000_000, description="Warn when the cursor is more ids than this behind."
+    )
+    fail_ids_behind: int = Field(
+        default=10_000_000, description="Fail when the cursor is more ids than this behind."
+    )
+
+
+@dg.asset_check(
+    asset=filtered_posts,
+    description="The cursor keeps up with the source: ids_behind_source of the latest window "
+    "stays under the limits (warn, then fail).",
+)
+def backlog_within_limits(
+    context: dg.AssetCheckExecutionContext, config: BacklogLimits
+) -> dg.AssetCheckResult:
+    window = latest_metadata(context.instance, dg.AssetKey("source_posts_batch"))
+    behind = int(window.get("ids_behind_source", 0))
+    metadata = {"ids_behind_source": behind, "warn_ids_behind": config.warn_ids_behind}
+    if behind > config.fail_ids_behind:
+        return dg.AssetCheckResult(
+            passed=False, severity=dg.AssetCheckSeverity.ERROR, metadata=metadata
+        )
+    if behind > config.warn_ids_behind:
+        return dg.AssetCheckResult(
+            passed=False, severity=dg.AssetCheckSeverity.WARN, metadata=metadata
+        )
+    return dg.AssetCheckResult(passed=True, metadata=metadata)
 
 
 @dg.asset_check(

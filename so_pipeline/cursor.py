@@ -12,9 +12,11 @@ FILTERED_POSTS_KEY = dg.AssetKey("filtered_posts")
 CURSOR_METADATA_KEY = "last_processed_id"
 
 
-def latest_metadata(instance: dg.DagsterInstance) -> dict[str, Any]:
-    """Metadata values of the latest `filtered_posts` materialization ({} when none)."""
-    event = instance.get_latest_materialization_event(FILTERED_POSTS_KEY)
+def latest_metadata(
+    instance: dg.DagsterInstance, asset_key: dg.AssetKey = FILTERED_POSTS_KEY
+) -> dict[str, Any]:
+    """Metadata values of the asset's latest materialization ({} when none)."""
+    event = instance.get_latest_materialization_event(asset_key)
     materialization = event.asset_materialization if event else None
     if materialization is None:
         return {}

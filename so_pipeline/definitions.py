@@ -4,6 +4,7 @@ import dagster as dg
 
 from so_pipeline.assets import filtered_posts, source_posts_batch
 from so_pipeline.checks import (
+    backlog_within_limits,
     loaded_bodies_are_not_blank,
     post_ids_are_unique,
     reconciled_with_source,
@@ -18,7 +19,12 @@ from so_pipeline.resources import PostgresResource
 
 defs = dg.Definitions(
     assets=[source_posts_batch, filtered_posts],
-    asset_checks=[reconciled_with_source, loaded_bodies_are_not_blank, post_ids_are_unique],
+    asset_checks=[
+        reconciled_with_source,
+        loaded_bodies_are_not_blank,
+        post_ids_are_unique,
+        backlog_within_limits,
+    ],
     jobs=[stackoverflow_posts_job, reconciliation_job],
     schedules=[stackoverflow_posts_schedule, reconciliation_schedule],
     resources={

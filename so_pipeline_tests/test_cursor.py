@@ -139,3 +139,36 @@ def test_the_schedule_skips_with_a_reason_when_nothing_is_new(
 
         databases.add_source_posts([Post(id=3)])
         assert tick().run_requests
+
+
+def test_the_backlog_check_warns_then_fails_as_the_cursor_falls_behind(
+    databases: PipelineDatabases, instance: dg.DagsterInstance
+) -> None:
+    from so_pipeline.definitions import defs
+
+    databases.add_source_posts([Post(id=i) for i in (1, 2, 3, 5_000_000)])
+    job = defs.resolve_job_def("stackoverflow_posts_job")
+
+    def backlog_check(**limits: int) -> dg.AssetCheckEvaluation:
+        run_config = {
+            "ops": {
+                "source_posts_batch": {"config": {"batch_size": 1}},
+                "filtered_posts_backlog_within_limits": {"config": limits},
+            }
+        }
+        result = job.execute_in_process(run_config=run_config, instance=instance)
+        (check,) = [
+            c
+            for c in result.get_asset_check_evaluations()
+            if c.check_name == "backlog_within_limits"
+        ]
+        return check
+
+    warned = backlog_check()  # defaults: warn above 1M ids behind, fail above 10M
+    failed = backlog_check(warn_ids_behind=1000, fail_ids_behind=2_000_000)
+    passed = backlog_check(warn_ids_behind=5_000_000, fail_ids_behind=6_000_000)
+
+    assert (warned.passed, warned.severity) == (False, dg.AssetCheckSeverity.WARN)
+    assert warned.metadata["ids_behind_source"].value == 5_000_000 - 1
+    assert (failed.passed, failed.severity) == (False, dg.AssetCheckSeverity.ERROR)
+    assert passed.passed
