@@ -1,5 +1,7 @@
 """Figures about the analytical `posts` table for the materialization history."""
 
+import html
+
 import dagster as dg
 import sqlalchemy as sa
 
@@ -47,5 +49,6 @@ def loaded_posts_preview(
 
 
 def _cell(value: object) -> str:
+    """Post text as literal Markdown table text: HTML bodies are shown, not rendered."""
     text = "" if value is None else " ".join(str(value).split())
-    return text.replace("|", "\\|")
+    return html.escape(text).replace("|", "\\|")

@@ -24,7 +24,7 @@ def test_cursor_advances_window_by_window_until_caught_up(
     assert cursors == [3, 500, 3_000_000_000, 3_000_000_001]
     assert loaded == [3, 3, 3, 1]
     assert totals == [3, 6, 9, 10]
-    assert "| 10 | A title | <p>a body</p> | 7 |" in previews[1]
+    assert "| 10 | A title | &lt;p&gt;a body&lt;/p&gt; | 7 |" in previews[1]
     assert "| 1 |" not in previews[1]
     assert databases.loaded_ids() == ids
 

@@ -1,0 +1,99 @@
+"""The Dagster UI, in a real headless Chromium: the materialization history an operator reads.
+
+Skipped, with the reason, where Playwright or Debian's chromium is missing (`.ci/run`
+installs both). Set SO_UI_SCREENSHOT=path to keep the screenshot (docs/ has one).
+"""
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from so_pipeline_tests.conftest import BIN, REPO_ROOT, PipelineDatabases, Post, run_job
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+if not Path(CHROMIUM).exists():
+    pytest.skip("Debian's chromium is not installed", allow_module_level=True)
+
+# Chromium flags for a root, offline, headless run (no sandbox user, no calls home).
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@pytest.fixture
+def webserver(dagster_home: Path) -> Iterator[str]:
+    """dagster-webserver on a free loopback port, against the test's DAGSTER_HOME."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen(
+        [str(BIN / "dagster-webserver"), "-m", "so_pipeline", "-h", "127.0.0.1", "-p", str(port)],
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/server_info", timeout=2)
+            break
+        except OSError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                process.kill()
+                raise
+            time.sleep(0.3)
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def test_the_materialization_history_lists_each_run_with_its_cursor(
+    databases: PipelineDatabases, webserver: str, tmp_path: Path
+) -> None:
+    databases.add_source_posts([Post(id=i) for i in range(1, 26)])
+    cursors = {}
+    with dg.DagsterInstance.get() as instance:
+        for _ in range(3):
+            outcome = run_job(instance, batch_size=10)
+            cursors[outcome.result.run_id[:8]] = outcome.metadata()["last_processed_id"]
+
+    seen = {}
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1500, "height": 1100})
+        page.goto(f"{webserver}/assets/filtered_posts?view=events", timeout=60_000)
+        page.get_by_text("last_processed_id").first.wait_for(timeout=60_000)
+        try:  # the first-visit newsletter dialog opens a moment after the page
+            page.get_by_role("button", name="Skip").click(timeout=5_000)
+        except sync_api.TimeoutError:
+            pass
+        entries = page.get_by_text(re.compile(r"^\w{3} \d+, \d+:\d\d [AP]M$"))
+        for index in range(entries.count()):
+            entries.nth(index).click()
+            run = page.get_by_text(re.compile(r"^Materialized in run")).inner_text()
+            metadata = page.locator("table").first.inner_text()
+            found = re.search(r"last_processed_id\s+(\d+)", metadata)
+            assert found, metadata
+            seen[run.split()[-1]] = int(found[1])
+        entries.first.click()
+        screenshot = Path(os.environ.get("SO_UI_SCREENSHOT", tmp_path / "history.png"))
+        page.screenshot(path=str(screenshot))
+        browser.close()
+
+    assert seen == cursors == dict(zip(cursors, [10, 20, 25], strict=True))
