@@ -4,6 +4,7 @@ Skipped, with the reason, where Playwright or Debian's chromium is missing (`.ci
 installs both). Set SO_UI_SCREENSHOT=path to keep the screenshot (docs/ has one).
 """
 
+import contextlib
 import os
 import re
 import shutil
@@ -79,10 +80,9 @@ def test_the_materialization_history_lists_each_run_with_its_cursor(
         page = browser.new_page(viewport={"width": 1500, "height": 1100})
         page.goto(f"{webserver}/assets/filtered_posts?view=events", timeout=60_000)
         page.get_by_text("last_processed_id").first.wait_for(timeout=60_000)
-        try:  # the first-visit newsletter dialog opens a moment after the page
+        # The first-visit newsletter dialog opens a moment after the page.
+        with contextlib.suppress(sync_api.TimeoutError):
             page.get_by_role("button", name="Skip").click(timeout=5_000)
-        except sync_api.TimeoutError:
-            pass
         entries = page.get_by_text(re.compile(r"^\w{3} \d+, \d+:\d\d [AP]M$"))
         for index in range(entries.count()):
             entries.nth(index).click()
