@@ -10,8 +10,8 @@ from pydantic import Field, PrivateAttr
 
 ACCEPTED_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg")
 
-# Every session speaks ISO timestamps in UTC, so COPY text moves values between
-# the two servers unchanged whatever their own defaults are.
+# Every session works in UTC (a timestamptz source column becomes a UTC timestamp) and
+# speaks ISO dates and UTF-8, whatever the servers' own defaults are.
 _SESSION_SETUP = "SET TIME ZONE 'UTC'; SET datestyle = 'ISO'; SET client_encoding = 'UTF8'"
 
 
@@ -44,7 +44,7 @@ def to_psycopg_url(raw_url: str, resource_name: str) -> sa.URL:
     """Parse a `postgresql://` or `postgresql+psycopg://` URL and pin the psycopg 3 driver."""
     try:
         url = sa.make_url(raw_url.strip())
-    except sa.exc.ArgumentError:
+    except (sa.exc.ArgumentError, ValueError):  # ValueError: a port that is not a number
         raise DatabaseConfigError(
             description=f"{resource_name}: the database URL is not a valid URL "
             "(expected postgresql://user:password@host:port/dbname)",

@@ -51,15 +51,30 @@ def test_an_unreachable_server_fails_with_one_clear_line_and_no_password(
     assert instance.get_latest_materialization_event(dg.AssetKey("filtered_posts")) is None
 
 
-def test_an_unsupported_url_scheme_is_named(
-    databases: PipelineDatabases, instance: dg.DagsterInstance, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        (f"mysql://u:{PASSWORD_MARKER}@localhost/so", "source_db: unsupported URL scheme 'mysql'"),
+        (f"postgresql://u:{PASSWORD_MARKER}@localhost:port/so", "source_db: the database URL is"),
+        ("not a url", "source_db: the database URL is not a valid URL"),
+    ],
+)
+def test_an_unusable_url_is_named_without_its_password(
+    databases: PipelineDatabases,
+    instance: dg.DagsterInstance,
+    monkeypatch: pytest.MonkeyPatch,
+    url: str,
+    expected: str,
 ) -> None:
-    monkeypatch.setenv("SO_SOURCE_DATABASE_URL", f"mysql://u:{PASSWORD_MARKER}@localhost/so")
+    monkeypatch.setenv("SO_SOURCE_DATABASE_URL", url)
 
     outcome = run_job(instance)
 
-    assert "source_db: unsupported URL scheme 'mysql'" in outcome.failure_message()
+    assert not outcome.success
+    assert expected in outcome.failure_message()
     assert PASSWORD_MARKER not in outcome.failure_message()
+    events = {event.event_type_value for event in outcome.result.all_events}
+    assert "STEP_UP_FOR_RETRY" not in events
 
 
 def test_an_incompatible_analytical_table_stops_the_run_before_any_write(
