@@ -12,10 +12,7 @@ PREVIEW_ROWS = 5
 PREVIEW_BODY_CHARS = 80
 
 
-def posts_row_count(analytical_db: PostgresResource, previous: int | None, loaded: int) -> int:
-    """Rows in `posts`: the previous count plus this run's, or counted once when unknown."""
-    if previous is not None:
-        return previous + loaded
+def count_posts(analytical_db: PostgresResource) -> int:
     with analytical_db.begin() as connection:
         return connection.execute(sa.select(sa.func.count()).select_from(posts_table)).scalar_one()
 
