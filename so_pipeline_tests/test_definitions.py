@@ -1,7 +1,14 @@
 """The code location's shape, the schedule, and the shipped Dagster instance settings."""
 
+import shutil
+from pathlib import Path
+
 import dagster as dg
+import pytest
 import yaml
+from dagster._config import process_config
+from dagster._core.instance.ref import InstanceRef
+from dagster._serdes.config_class import class_from_code_pointer
 
 from so_pipeline.definitions import defs
 from so_pipeline.jobs import SERIAL_RUN_TAG
@@ -49,3 +56,44 @@ def test_dagster_yaml_limits_the_job_to_one_run_at_a_time() -> None:
     ((key, value),) = SERIAL_RUN_TAG.items()
     assert {"key": key, "value": value, "limit": 1} in limits
     assert settings["storage"]["postgres"]["postgres_url"] == {"env": "DAGSTER_PG_URL"}
+
+
+def _validate_instance_config(home: Path) -> InstanceRef:
+    """Load dagster.yaml with Dagster's instance loader, then check the run coordinator's and
+    run launcher's own config against their classes' schemas, as instantiating them would
+    (without starting them: the ECS launcher would call AWS)."""
+    ref = InstanceRef.from_dir(str(home))
+    for data in (ref.run_coordinator_data, ref.run_launcher_data):
+        if data is not None:
+            klass = class_from_code_pointer(data.module_name, data.class_name)
+            result = process_config(klass.config_type(), data.config_dict)  # type: ignore[attr-defined]
+            if not result.success:
+                raise dg.DagsterInvalidConfigError(data.class_name, result.errors, data)
+    return ref
+
+
+@pytest.mark.parametrize("variant", ["dagster.yaml", "deploy/ecs/dagster.yaml"])
+def test_each_shipped_instance_config_passes_dagsters_own_loader(
+    variant: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shutil.copyfile(REPO_ROOT / variant, tmp_path / "dagster.yaml")
+    monkeypatch.setenv("DAGSTER_PG_URL", "postgresql+psycopg2://dagster@db.example/dagster")
+    monkeypatch.setenv("DAGSTER_ECS_TASK_DEFINITION", "arn:aws:ecs:eu-west-1:1:task-definition/x")
+
+    ref = _validate_instance_config(tmp_path)
+
+    assert ref.storage_data.class_name == "DagsterPostgresStorage"  # type: ignore[union-attr]
+    assert ref.run_coordinator_data.class_name == "QueuedRunCoordinator"  # type: ignore[union-attr]
+
+
+def test_the_loader_rejects_a_broken_variant(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check above can fail: a misspelt launcher option is refused."""
+    settings = yaml.safe_load((REPO_ROOT / "deploy/ecs/dagster.yaml").read_text())
+    settings["run_launcher"]["config"]["task_defintion"] = "typo"
+    (tmp_path / "dagster.yaml").write_text(yaml.safe_dump(settings))
+    monkeypatch.setenv("DAGSTER_ECS_TASK_DEFINITION", "arn:aws:ecs:eu-west-1:1:task-definition/x")
+
+    with pytest.raises(dg.DagsterInvalidConfigError, match="task_defintion"):
+        _validate_instance_config(tmp_path)
