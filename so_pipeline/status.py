@@ -6,10 +6,12 @@ import dagster as dg
 import sqlalchemy as sa
 
 from so_pipeline.cursor import CURSOR_METADATA_KEY, FILTERED_POSTS_KEY
+from so_pipeline.jobs import stackoverflow_posts_job
 from so_pipeline.resources import PostgresResource
 from so_pipeline.source_queries import source_max_id
 
-JOB_NAME = "stackoverflow_posts_job"
+# Above this many rows (PostgreSQL's estimate), tables are not counted exactly.
+LARGE_TABLE_ROWS = 1_000_000
 
 
 def _source_rows_after(source_db: PostgresResource, cursor: int | None) -> int:
@@ -20,22 +22,20 @@ def _source_rows_after(source_db: PostgresResource, cursor: int | None) -> int:
         return connection.execute(query, {"cursor": cursor}).scalar_one()
 
 
-def _analytical_rows(analytical_db: PostgresResource) -> dict[str, int]:
-    """Row counts of the analytical tables (PostgreSQL's estimate once they are large)."""
+def _analytical_rows(analytical_db: PostgresResource) -> dict[str, str]:
+    """Row counts of the analytical tables: exact, or PostgreSQL's estimate ("~") when large."""
     query = sa.text(
-        "SELECT relname, CASE WHEN reltuples < 1000000 THEN NULL ELSE reltuples::bigint END "
-        "FROM pg_class WHERE oid IN (to_regclass('posts'), to_regclass('posts_rejected'))"
+        "SELECT relname, reltuples::bigint FROM pg_class "
+        "WHERE oid IN (to_regclass('posts'), to_regclass('posts_rejected'))"
     )
     counts = {}
     with analytical_db.begin() as connection:
         for table, estimate in connection.execute(query).all():
-            counts[table] = (
-                estimate
-                if estimate is not None
-                else connection.execute(
-                    sa.select(sa.func.count()).select_from(sa.table(table))
-                ).scalar_one()
-            )
+            if estimate >= LARGE_TABLE_ROWS:
+                counts[table] = f"~{estimate}"
+            else:
+                exact = sa.select(sa.func.count()).select_from(sa.table(table))
+                counts[table] = str(connection.execute(exact).scalar_one())
     return counts
 
 
@@ -60,8 +60,10 @@ def status_report(
     lines.append(f"source: highest id {highest}; {backlog} posts after the cursor")
     for table, count in sorted(_analytical_rows(analytical_db).items()):
         lines.append(f"analytical {table}: {count} rows")
-    lines.append(f"last runs of {JOB_NAME}:")
-    records = instance.get_run_records(dg.RunsFilter(job_name=JOB_NAME), limit=runs)
+    lines.append(f"last runs of {stackoverflow_posts_job.name}:")
+    records = instance.get_run_records(
+        dg.RunsFilter(job_name=stackoverflow_posts_job.name), limit=runs
+    )
     for record in records:
         started = record.start_time or record.create_timestamp.timestamp()
         duration = f"{record.end_time - started:.1f} s" if record.end_time else "running"
