@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="load sample posts and run the job until caught up")
-    demo.add_argument("--batch-size", type=int, default=1000, help="posts per run (window)")
+    demo.add_argument("--batch-size", type=_positive, default=1000, help="posts per run (window)")
     dev = commands.add_parser("dev", help="set up like demo, then start `dagster dev` on it")
     dev.add_argument("--port", type=int, default=3000)
     commands.add_parser(
@@ -39,12 +39,16 @@ def main(argv: list[str] | None = None) -> int:
         help="cursor, backlog and last runs (of the databases in the environment, else of the "
         "local demo state)",
     )
-    load = commands.add_parser("load-dump", help="load a Posts.xml (or .gz) into the source db")
+    load = commands.add_parser(
+        "load-dump", help="load a Posts.xml (.xml, .gz or .7z) into the source database"
+    )
     load.add_argument("path", type=Path)
     load.add_argument("--database-url", default=os.environ.get("SO_SOURCE_DATABASE_URL"))
     args = parser.parse_args(argv)
     if args.command == "load-dump":
         return _load_dump_command(args.path, args.database_url)
+    # A SIGTERM unwinds like Ctrl-C, so the finally below stops the embedded server.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     home: Path = args.home.resolve()
     if args.command == "status" and "SO_SOURCE_DATABASE_URL" in os.environ:
         return _print_status()
@@ -58,6 +62,13 @@ def main(argv: list[str] | None = None) -> int:
         return local.run_dagster_dev(args.port)
     finally:
         local.stop()
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
+    return value
 
 
 class _LocalSetup:
@@ -133,8 +144,6 @@ class _LocalSetup:
         dagster = Path(sys.executable).with_name("dagster")
         command = [str(dagster), "dev", "-m", "so_pipeline", "-h", "127.0.0.1", "-p", str(port)]
         print(f"Dagster UI on http://127.0.0.1:{port} (Ctrl-C to stop)")
-        # On SIGTERM too, stop dagster dev and then the embedded server (see main's finally).
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         process = subprocess.Popen(command)
         try:
             return process.wait()
