@@ -116,6 +116,7 @@ def source_posts_batch(
                     "window_first_id": first_id,
                     "window_last_id": window.last_id,
                     "rows_in_window": new_rows,
+                    "dagster/row_count": new_rows,
                     "source_max_id": highest_source_id,
                     "ids_behind_source": (
                         highest_source_id - window.last_id

@@ -41,6 +41,7 @@ def test_caught_up_run_is_a_clean_no_op(
     assert outcome.metadata()["rows_loaded"] == 0
     assert outcome.metadata()["last_processed_id"] == 5
     assert outcome.metadata("source_posts_batch")["rows_in_window"] == 0
+    assert outcome.metadata("source_posts_batch")["dagster/row_count"] == 0
     assert databases.loaded_ids() == [1, 2, 3, 4, 5]
 
 
