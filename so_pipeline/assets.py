@@ -1,7 +1,9 @@
 """The two assets: pick the next id window of the source, then load its valid posts."""
 
 import time
+from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 import dagster as dg
 from pydantic import Field
@@ -33,14 +35,18 @@ DEFAULT_BATCH_SIZE = 100_000
 # insert transaction, and re-reading them costs milliseconds.
 DEFAULT_LOOKBACK_IDS = 1_000
 
-ASSET_OPTIONS = {
-    "kinds": {"postgres"},
-    "group_name": "stackoverflow",
-    "owners": ["team:data-engineering"],
-    # Transient errors (a dropped connection, a serialization failure) are retried after 1, 2
-    # and 4 s; permanent ones raise dg.Failure(allow_retries=False) and fail at once.
-    "retry_policy": dg.RetryPolicy(max_retries=3, delay=1, backoff=dg.Backoff.EXPONENTIAL),
-}
+
+def _asset(**options: Any) -> Callable[[Callable[..., Any]], dg.AssetsDefinition]:
+    """`dg.asset` with what both assets share."""
+    return dg.asset(
+        kinds={"postgres"},
+        group_name="stackoverflow",
+        owners=["team:data-engineering"],
+        # Transient errors (a dropped connection, a serialization failure) are retried after
+        # 1, 2 and 4 s; permanent ones raise dg.Failure(allow_retries=False) and fail at once.
+        retry_policy=dg.RetryPolicy(max_retries=3, delay=1, backoff=dg.Backoff.EXPONENTIAL),
+        **options,
+    )
 
 
 class SourceBatchConfig(dg.Config):
@@ -71,7 +77,7 @@ def _numbers(values: dict[str, int | float | None]) -> dict[str, int | float]:
     return {key: value for key, value in values.items() if value is not None}
 
 
-@dg.asset(**ASSET_OPTIONS)
+@_asset()
 def source_posts_batch(
     context: dg.AssetExecutionContext,
     config: SourceBatchConfig,
@@ -129,8 +135,7 @@ def source_posts_batch(
     )
 
 
-@dg.asset(
-    **ASSET_OPTIONS,
+@_asset(
     # Shown on the asset's page: warn after an hour (four ticks) without a new
     # materialization, fail after three.
     freshness_policy=dg.FreshnessPolicy.time_window(

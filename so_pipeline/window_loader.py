@@ -7,7 +7,7 @@ so memory stays flat whatever the window size.
 """
 
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from queue import Queue
@@ -170,7 +170,7 @@ def _insert_missing(
 
 def _pipe(
     source: psycopg.Connection,
-    copy_out: sql.Composable,
+    copy_out: sql.Composed,
     params: dict[str, object],
     target: psycopg.Connection,
     table: str | sql.Identifier,
@@ -183,8 +183,8 @@ def _pipe(
 
 
 def _copy_out(
-    source: psycopg.Connection, statement: sql.Composable, params: dict[str, object]
-) -> Iterator[bytes]:
+    source: psycopg.Connection, statement: sql.Composed, params: dict[str, object]
+) -> Generator[bytes, None, None]:
     """The rows of a source COPY, regrouped into chunks of about PIPE_CHUNK_BYTES.
 
     libpq hands over one row per read; writing whole chunks instead of rows, from a thread
@@ -206,7 +206,7 @@ class _BoundedQueuedWriter(QueuedLibpqWriter):
 
     def __init__(self, cursor: psycopg.Cursor) -> None:
         super().__init__(cursor)
-        self._queue = Queue(maxsize=PIPE_QUEUE_CHUNKS)
+        self._queue = Queue(maxsize=PIPE_QUEUE_CHUNKS)  # type: ignore[assignment]  # psycopg's alias
 
 
 def _copy_in(
