@@ -103,7 +103,6 @@ def source_posts_batch(
         read_after_id=read_after_id,
         after_id=after_id,
         last_id=last_new_id if last_new_id is not None else after_id,
-        new_rows=new_rows,
         cursor_before=cursor,
     )
     context.log.info(

@@ -4,8 +4,8 @@ import dagster as dg
 import sqlalchemy as sa
 from pydantic import Field
 
-from so_pipeline.assets import filtered_posts
-from so_pipeline.cursor import CURSOR_METADATA_KEY, latest_metadata
+from so_pipeline.assets import filtered_posts, source_posts_batch
+from so_pipeline.cursor import cursor_from_history, latest_metadata
 from so_pipeline.post_rules import NON_WHITESPACE_REGEX
 from so_pipeline.resources import PostgresResource
 
@@ -57,10 +57,9 @@ def reconciled_with_source(
     source_db: PostgresResource,
     analytical_db: PostgresResource,
 ) -> dg.AssetCheckResult:
-    cursor = latest_metadata(context.instance).get(CURSOR_METADATA_KEY)
+    cursor = cursor_from_history(context.instance)
     if cursor is None:
         return dg.AssetCheckResult(passed=True, metadata={"ids_checked_up_to": "none yet"})
-    assert isinstance(cursor, int)
     mismatch = _first_mismatch(source_db, analytical_db, COARSE_BUCKET_IDS, _LOWEST_ID, cursor)
     if mismatch is None:
         return dg.AssetCheckResult(passed=True, metadata={"ids_checked_up_to": cursor})
@@ -123,7 +122,7 @@ class BacklogLimits(dg.Config):
 def backlog_within_limits(
     context: dg.AssetCheckExecutionContext, config: BacklogLimits
 ) -> dg.AssetCheckResult:
-    window = latest_metadata(context.instance, dg.AssetKey("source_posts_batch"))
+    window = latest_metadata(context.instance, source_posts_batch.key)
     behind = int(window.get("ids_behind_source", 0))
     metadata = {"ids_behind_source": behind, "warn_ids_behind": config.warn_ids_behind}
     if behind > config.fail_ids_behind:

@@ -26,7 +26,6 @@ class PostWindow:
     read_after_id: int | None
     after_id: int | None
     last_id: int | None
-    new_rows: int
     cursor_before: int | None
 
     @property
