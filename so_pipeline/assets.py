@@ -24,7 +24,7 @@ from so_pipeline.source_queries import (
     source_max_id,
 )
 from so_pipeline.table_stats import count_posts, loaded_posts_preview
-from so_pipeline.window_loader import WindowLoad, load_window
+from so_pipeline.window_loader import MIN_ROWS_PER_STREAM, WindowLoad, load_window
 
 # 100k posts (~120 MB of source data) take a few seconds per tick and keep each transaction
 # short; raise it for a catch-up run, memory does not grow with it.
@@ -34,6 +34,11 @@ DEFAULT_BATCH_SIZE = 100_000
 # below the cursor. On Stack Overflow 1,000 ids span hours of posting: far longer than any
 # insert transaction, and re-reading them costs milliseconds.
 DEFAULT_LOOKBACK_IDS = 1_000
+
+
+# One COPY is bound by the target backend that writes it; two in parallel took 1M posts from
+# 5.8 s to 4.0 s on 2 cores. More help only where the analytical server has cores to spare.
+DEFAULT_COPY_STREAMS = 2
 
 
 def _asset(**options: Any) -> Callable[[Callable[..., Any]], dg.AssetsDefinition]:
@@ -70,6 +75,14 @@ class FilterConfig(dg.Config):
     require_owner: bool = Field(
         default=True, description="Reject posts whose owner_user_id is NULL (deleted users)."
     )
+    copy_streams: int = Field(
+        default=DEFAULT_COPY_STREAMS,
+        ge=1,
+        le=16,
+        description="Most parallel COPY streams for a large window loaded straight into posts "
+        f"(each carries at least {MIN_ROWS_PER_STREAM:,} rows). Each uses one more connection "
+        "to each database.",
+    )
 
 
 def _numbers(values: dict[str, int | float | None]) -> dict[str, int | float]:
@@ -104,6 +117,7 @@ def source_posts_batch(
         after_id=after_id,
         last_id=last_new_id if last_new_id is not None else after_id,
         cursor_before=cursor,
+        new_rows=new_rows,
     )
     context.log.info(
         f"Window ({window.read_after_id}, {window.last_id}]: {new_rows} new posts after id "
@@ -165,7 +179,9 @@ def filtered_posts(
         load = WindowLoad(0, 0, 0, {}, wrote_directly=False)
         context.log.info(f"Caught up: nothing after id {window.after_id}; cursor unchanged.")
     else:
-        load = load_window(source_db, analytical_db, window, config.require_owner)
+        load = load_window(
+            source_db, analytical_db, window, config.require_owner, config.copy_streams
+        )
     seconds = time.monotonic() - started
     # A replay of an older range must not move the cursor back over work already done.
     cursor_after = max(
@@ -210,6 +226,7 @@ def filtered_posts(
                     },
                     "duration_seconds": round(seconds, 3),
                     "lock_wait_seconds": round(load.lock_wait_seconds, 3),
+                    "copy_streams": load.copy_streams,
                     "rows_per_second": round(rows_read / seconds) if rows_read else None,
                 }
             ),

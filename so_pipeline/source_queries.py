@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass
 
+import psycopg
 import sqlalchemy as sa
 from psycopg import sql
 
@@ -27,6 +28,7 @@ class PostWindow:
     after_id: int | None
     last_id: int | None
     cursor_before: int | None
+    new_rows: int
 
     @property
     def is_empty(self) -> bool:
@@ -53,6 +55,27 @@ def next_window_bounds(
 def source_max_id(source_db: PostgresResource) -> int | None:
     with source_db.begin() as connection:
         return connection.execute(sa.select(sa.func.max(_source_posts.c.id))).scalar_one()
+
+
+def split_id_range(
+    source: psycopg.Connection, after_id: int | None, last_id: int, row_offsets: list[int]
+) -> list[int]:
+    """The ids at `row_offsets` (ascending) among the source ids in (after_id, last_id].
+
+    Offsets past the range's end are left out, so the result cuts the range into at most
+    len(row_offsets) + 1 non-empty, contiguous parts.
+    """
+    query = sql.SQL(
+        "SELECT id FROM {table} WHERE (%(after_id)s::bigint IS NULL OR id > %(after_id)s::bigint)"
+        " AND id < %(last_id)s::bigint ORDER BY id OFFSET %(offset)s LIMIT 1"
+    ).format(table=sql.Identifier(SOURCE_TABLE))
+    cuts: list[int] = []
+    for offset in row_offsets:
+        row = source.execute(query, {"after_id": after_id, "last_id": last_id, "offset": offset})
+        found = row.fetchone()
+        if found is not None and (not cuts or found[0] > cuts[-1]):
+            cuts.append(found[0])
+    return cuts
 
 
 # Rows of the window with their reject reason (NULL when kept), cast to exactly the analytical
