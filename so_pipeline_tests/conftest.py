@@ -106,6 +106,23 @@ class PipelineDatabases:
         return dict(self.query("analytical", "SELECT id, reason FROM posts_rejected"))
 
 
+def generate_source_posts(source_url: str, rows: int) -> list[int]:
+    """Fill the source with `rows` ~1 KB posts; return the ids the pipeline must keep.
+
+    Every 10th body is blank and every 13th owner NULL, so those are rejected.
+    """
+    with psycopg.connect(source_url, autocommit=True) as connection:
+        create_posts_table(connection)
+        connection.execute(
+            "INSERT INTO posts (id, title, body, owner_user_id, creation_date) "
+            "SELECT g, 't' || g, CASE WHEN g %% 10 = 0 THEN ' ' ELSE repeat('<p>x</p>', 120) "
+            "|| g END, CASE WHEN g %% 13 = 0 THEN NULL ELSE g END, "
+            "timestamp '2020-01-01' + g * interval '1 second' FROM generate_series(1, %s) g",
+            [rows],
+        )
+    return [i for i in range(1, rows + 1) if i % 10 and i % 13]
+
+
 @pytest.fixture
 def databases(
     postgres_server: PostgresServer, monkeypatch: pytest.MonkeyPatch
@@ -154,6 +171,7 @@ def run_job(
     start_after_id: int | None = None,
     require_owner: bool | None = None,
     lookback_ids: int | None = None,
+    copy_streams: int | None = None,
 ) -> RunOutcome:
     """Run stackoverflow_posts_job in process, as the schedule would, with optional config."""
     batch_config: dict[str, object] = {}
@@ -163,9 +181,15 @@ def run_job(
         batch_config["start_after_id"] = start_after_id
     if lookback_ids is not None:
         batch_config["lookback_ids"] = lookback_ids
-    ops: dict[str, object] = {"source_posts_batch": {"config": batch_config}}
+    filter_config: dict[str, object] = {}
     if require_owner is not None:
-        ops["filtered_posts"] = {"config": {"require_owner": require_owner}}
+        filter_config["require_owner"] = require_owner
+    if copy_streams is not None:
+        filter_config["copy_streams"] = copy_streams
+    ops = {
+        "source_posts_batch": {"config": batch_config},
+        "filtered_posts": {"config": filter_config},
+    }
     job = defs.resolve_job_def("stackoverflow_posts_job")
     result = job.execute_in_process(
         run_config={"ops": ops}, instance=instance, raise_on_error=False

@@ -13,24 +13,18 @@ import psycopg
 import pytest
 
 from so_pipeline.definitions import defs
-from so_pipeline.dump_loader import create_posts_table
-from so_pipeline_tests.conftest import BIN, REPO_ROOT, PipelineDatabases, Post, run_job
+from so_pipeline.resources import PostgresResource
+from so_pipeline.schema import ensure_analytical_tables
+from so_pipeline_tests.conftest import (
+    BIN,
+    REPO_ROOT,
+    PipelineDatabases,
+    Post,
+    generate_source_posts,
+    run_job,
+)
 
 GENERATED_ROWS = 150_000
-
-
-def _generate(source_url: str, rows: int = GENERATED_ROWS) -> list[int]:
-    """Fill the source with `rows` ~1 KB posts; return the ids the pipeline must keep."""
-    with psycopg.connect(source_url, autocommit=True) as connection:
-        create_posts_table(connection)
-        connection.execute(
-            "INSERT INTO posts (id, title, body, owner_user_id, creation_date) "
-            "SELECT g, 't' || g, CASE WHEN g %% 10 = 0 THEN ' ' ELSE repeat('<p>x</p>', 120) "
-            "|| g END, CASE WHEN g %% 13 = 0 THEN NULL ELSE g END, "
-            "timestamp '2020-01-01' + g * interval '1 second' FROM generate_series(1, %s) g",
-            [rows],
-        )
-    return [i for i in range(1, rows + 1) if i % 10 and i % 13]
 
 
 def _wait_for(condition: Callable[[], bool], timeout: float = 60) -> None:
@@ -57,7 +51,7 @@ def _terminate_copy_backend(url: str, command: str) -> bool:
 def test_a_run_killed_while_loading_leaves_nothing_and_the_next_run_completes(
     databases: PipelineDatabases, dagster_home: Path, tmp_path: Path
 ) -> None:
-    expected = _generate(databases.source_url)
+    expected = generate_source_posts(databases.source_url, GENERATED_ROWS)
     config = tmp_path / "big.yaml"
     config.write_text("ops:\n  source_posts_batch:\n    config:\n      batch_size: 1000000\n")
     command = [str(BIN / "dagster"), "job", "execute", "-m", "so_pipeline"]
@@ -102,7 +96,7 @@ def _copy_rows(url: str, command: str) -> int:
 def test_a_connection_dropped_mid_window_is_retried_and_loads_exactly_once(
     databases: PipelineDatabases, instance: dg.DagsterInstance, which: str, command: str
 ) -> None:
-    expected = _generate(databases.source_url)
+    expected = generate_source_posts(databases.source_url, GENERATED_ROWS)
     url = databases.source_url if which == "source" else databases.analytical_url
     terminated = threading.Event()
 
@@ -125,6 +119,37 @@ def test_a_connection_dropped_mid_window_is_retried_and_loads_exactly_once(
     assert outcome.metadata()["rows_loaded"] == len(expected)
 
 
+def test_a_failing_copy_stream_rolls_back_every_stream_of_the_window(
+    databases: PipelineDatabases, instance: dg.DagsterInstance
+) -> None:
+    """A large window is copied by parallel streams; they commit together or not at all."""
+    expected = generate_source_posts(databases.source_url, GENERATED_ROWS)
+    analytical_db = PostgresResource(resource_name="analytical_db", url=databases.analytical_url)
+    ensure_analytical_tables(analytical_db)
+    # The last post breaks a constraint at the end of the last stream, when the first stream
+    # has finished writing its rows.
+    with psycopg.connect(databases.analytical_url, autocommit=True) as connection:
+        connection.execute(
+            f"ALTER TABLE posts ADD CONSTRAINT refuse_one_post CHECK (id <> {expected[-1]})"
+        )
+
+    failed = run_job(instance, batch_size=1_000_000, copy_streams=2)
+
+    assert not failed.success
+    assert 'violates check constraint "refuse_one_post"' in failed.failure_message()
+    assert databases.query("analytical", "SELECT count(*) FROM posts") == [(0,)]
+    assert databases.rejected() == {}
+    assert instance.get_latest_materialization_event(dg.AssetKey("filtered_posts")) is None
+
+    with psycopg.connect(databases.analytical_url, autocommit=True) as connection:
+        connection.execute("ALTER TABLE posts DROP CONSTRAINT refuse_one_post")
+    rerun = run_job(instance, batch_size=1_000_000, copy_streams=2)
+
+    assert rerun.success
+    assert rerun.metadata()["copy_streams"] == 2
+    assert databases.loaded_ids() == expected
+
+
 def test_permanent_errors_are_not_retried(
     databases: PipelineDatabases, instance: dg.DagsterInstance, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -144,7 +169,7 @@ def test_permanent_errors_are_not_retried(
 def test_two_runs_at_once_load_each_row_once(
     databases: PipelineDatabases, dagster_home: Path
 ) -> None:
-    expected = _generate(databases.source_url, 60_000)
+    expected = generate_source_posts(databases.source_url, 60_000)
     command = [str(BIN / "dagster"), "job", "execute", "-m", "so_pipeline"]
     command += ["-j", "stackoverflow_posts_job"]
 

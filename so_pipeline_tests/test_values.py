@@ -5,7 +5,7 @@ from datetime import datetime
 import dagster as dg
 import psycopg
 
-from so_pipeline_tests.conftest import PipelineDatabases, Post, run_job
+from so_pipeline_tests.conftest import PipelineDatabases, Post, generate_source_posts, run_job
 
 ODD_POSTS = [
     Post(id=1, title=None, body="<p>an answer has no title</p>"),
@@ -81,6 +81,37 @@ def test_one_large_window_loads_exactly_what_tick_sized_windows_load(
     assert ticked.query("analytical", tables) == large_posts
     assert ticked.query("analytical", rejected) == large_rejected
     assert len(large_posts) + len(large_rejected) == 300
+
+
+def test_parallel_copy_streams_load_exactly_what_one_stream_loads(
+    databases: PipelineDatabases, postgres_server, monkeypatch
+) -> None:
+    """A large window is split across parallel COPY streams; the tables must not tell."""
+    kept = generate_source_posts(databases.source_url, 150_000)
+    fingerprint = (
+        "SELECT count(*), md5(string_agg(t::text, '' ORDER BY id)) "
+        f"FROM (SELECT {COLUMNS} FROM posts) t"
+    )
+    rejected = "SELECT md5(string_agg(id || reason, ',' ORDER BY id)) FROM posts_rejected"
+
+    with dg.DagsterInstance.ephemeral() as instance:
+        parallel = run_job(instance, batch_size=1_000_000, copy_streams=3)
+    assert parallel.metadata()["copy_streams"] == 3
+    parallel_tables = databases.query("analytical", fingerprint) + databases.query(
+        "analytical", rejected
+    )
+
+    one_stream = postgres_server.url(postgres_server.create_database("so_one_stream"))
+    monkeypatch.setenv("SO_ANALYTICAL_DATABASE_URL", one_stream)
+    with dg.DagsterInstance.ephemeral() as instance:
+        single = run_job(instance, batch_size=1_000_000, copy_streams=1)
+    assert single.metadata()["copy_streams"] == 1
+    single_db = PipelineDatabases(databases.source_url, one_stream)
+
+    assert parallel_tables == single_db.query("analytical", fingerprint) + single_db.query(
+        "analytical", rejected
+    )
+    assert parallel_tables[0][0] == len(kept)
 
 
 def test_other_source_column_types_are_converted_to_the_analytical_ones(
