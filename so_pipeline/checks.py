@@ -94,7 +94,7 @@ def loaded_bodies_are_not_blank(analytical_db: PostgresResource) -> dg.AssetChec
         blank, first_blank_id = connection.execute(
             sa.text(
                 "SELECT count(*), min(id) FROM posts WHERE body IS NULL "
-                "OR (left(body, 64) !~ :non_whitespace AND body !~ :non_whitespace)"
+                "OR (left(body, 1) !~ :non_whitespace AND body !~ :non_whitespace)"
             ),
             {"non_whitespace": NON_WHITESPACE_REGEX},
         ).one()
