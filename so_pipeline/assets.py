@@ -36,8 +36,9 @@ DEFAULT_BATCH_SIZE = 100_000
 DEFAULT_LOOKBACK_IDS = 1_000
 
 
-# One COPY is bound by the target backend that writes it; two in parallel took 1M posts from
-# 5.8 s to 4.0 s on 2 cores. More help only where the analytical server has cores to spare.
+# One COPY is bound by the target backend that writes it; with two, a 1M-post catch-up run
+# took 6.2 s instead of 6.8 s on 2 cores (benchmarks/last_run.txt). More help only where the
+# analytical server has cores to spare.
 DEFAULT_COPY_STREAMS = 2
 
 

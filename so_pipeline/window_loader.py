@@ -3,13 +3,13 @@
 Rows stream from source COPY to target COPY (see copy_pipe). A window whose new ids all lie
 above the analytical table's highest id goes straight into `posts`, split into id ranges that
 several connection pairs copy at once when it is large (a catch-up): one COPY is bound by the
-single target backend that writes it, and two took 1M posts from 5.8 s to 4.0 s here.
-Everything else (the look-back, replays, rejected rows) is staged and merged with
-`ON CONFLICT (id) DO NOTHING`.
+single target backend that writes it (on 2 cores, loading 1M posts took 5.3 s with one stream,
+4.7 s with two). Everything else (the look-back, replays, rejected rows) is staged and merged
+with `ON CONFLICT (id) DO NOTHING`.
 """
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -30,7 +30,7 @@ from so_pipeline.source_queries import (
 )
 
 # A window is split into parallel COPY streams only when each would carry at least this many
-# rows: below that, opening the extra connections costs more than it saves.
+# rows, so ticks keep to one stream, one transaction and two connections.
 MIN_ROWS_PER_STREAM = 50_000
 
 IdRange = tuple[int | None, int]  # (after_id, last_id]: ids after the first, up to the last
@@ -86,28 +86,28 @@ def load_window(
             lock_wait = _lock_analytical_writes(target)
             highest_loaded = target.execute("SELECT max(id) FROM posts").fetchone()[0]  # type: ignore[index]
             direct, merged = _plan_ranges(window, highest_loaded)
-            streams = 0
-            kept = loaded = 0
+            ranges = (
+                _split(source, direct, window.new_rows, copy_streams) if direct is not None else []
+            )
             with ExitStack() as parallel:
-                if direct is not None:
-                    ranges = _split(source, direct, window.new_rows, copy_streams)
-                    streams = len(ranges)
-                    if streams == 1:
-                        kept = loaded = _copy_kept(source, target, direct, "posts", databases)
-                    else:
-                        copies = _start_parallel_copies(parallel, source, ranges, databases)
+                direct_rows = _copy_direct(parallel, source, target, ranges, databases)
+                kept = loaded = 0
                 if merged:
                     staged = _create_staging_table(target, "posts")
                     for id_range in merged:
                         kept += _copy_kept(source, target, id_range, staged, databases)
                     loaded += _insert_missing(target, "posts", staged, POST_COLUMNS)
                 rejected, newly_rejected = _load_rejected_posts(source, target, window, databases)
-                if streams > 1:
-                    parallel_rows = _sum_rows(copies)
-                    kept, loaded = kept + parallel_rows, loaded + parallel_rows
-            # The parallel streams' transactions have committed; the main one commits next.
+                written = direct_rows()
+            # Parallel streams' transactions have committed (closing `parallel`); this one next.
     return WindowLoad(
-        kept, loaded, rejected, newly_rejected, direct is not None, lock_wait, max(streams, 1)
+        kept_rows=kept + written,
+        loaded_rows=loaded + written,
+        rejected_rows=rejected,
+        newly_rejected_by_reason=newly_rejected,
+        wrote_directly=direct is not None,
+        lock_wait_seconds=lock_wait,
+        copy_streams=max(len(ranges), 1),
     )
 
 
@@ -180,26 +180,33 @@ def _copy_kept(
     return pipe_copy(source, COPY_KEPT_POSTS, params, target, table, POST_COLUMNS)
 
 
-def _start_parallel_copies(
+def _copy_direct(
     parallel: ExitStack,
     source: psycopg.Connection,
+    target: psycopg.Connection,
     ranges: list[IdRange],
     databases: _Databases,
-) -> list[Future[int]]:
-    """Copy each range into posts on its own connection pair, in its own thread.
+) -> Callable[[], int]:
+    """Start copying `ranges` straight into posts; return the wait for their row count.
 
-    Each pair reads the main source transaction's snapshot and writes in a transaction that
-    `parallel` commits when it closes without error (rolls back otherwise), which happens
-    before the main transaction commits and releases the advisory lock.
+    One range is copied at once on the main connection pair. Several are copied each on its
+    own pair, in its own thread, while the main pair goes on with the rest of the window:
+    every pair reads the main source transaction's snapshot and writes in a transaction that
+    `parallel` commits when it closes without error (rolls back otherwise), before the main
+    transaction commits and releases the advisory lock.
     """
+    if len(ranges) <= 1:
+        rows = sum(_copy_kept(source, target, id_range, "posts", databases) for id_range in ranges)
+        return lambda: rows
     snapshot = source.execute("SELECT pg_export_snapshot()").fetchone()[0]  # type: ignore[index]
     pairs = [_open_pair(parallel, databases, snapshot) for _ in ranges]
     pool = parallel.enter_context(ThreadPoolExecutor(len(ranges), "so_pipeline-copy"))
     parallel.push(_CancelOnError(pairs))  # exits first: a failure stops the other streams
-    return [
+    copies = [
         pool.submit(_copy_kept, pair_source, pair_target, id_range, "posts", databases)
         for (pair_source, pair_target), id_range in zip(pairs, ranges, strict=True)
     ]
+    return lambda: _sum_rows(copies)
 
 
 def _sum_rows(copies: list[Future[int]]) -> int:
