@@ -12,6 +12,7 @@ from so_pipeline.checks import (
 from so_pipeline.jobs import (
     reconciliation_job,
     reconciliation_schedule,
+    stackoverflow_posts_catch_up_sensor,
     stackoverflow_posts_job,
     stackoverflow_posts_schedule,
 )
@@ -27,6 +28,7 @@ defs = dg.Definitions(
     ],
     jobs=[stackoverflow_posts_job, reconciliation_job],
     schedules=[stackoverflow_posts_schedule, reconciliation_schedule],
+    sensors=[stackoverflow_posts_catch_up_sensor],
     resources={
         "source_db": PostgresResource(
             resource_name="source_db", url=dg.EnvVar("SO_SOURCE_DATABASE_URL")

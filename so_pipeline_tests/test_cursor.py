@@ -142,6 +142,53 @@ def test_the_schedule_skips_with_a_reason_when_nothing_is_new(
         assert tick().run_requests
 
 
+def test_the_catch_up_sensor_starts_large_windows_until_the_schedule_can_keep_up(
+    databases: PipelineDatabases,
+) -> None:
+    from so_pipeline.definitions import defs
+    from so_pipeline.resources import PostgresResource
+
+    sensor = defs.resolve_sensor_def("stackoverflow_posts_catch_up_sensor")
+    job = defs.resolve_job_def("stackoverflow_posts_job")
+    resources = {
+        "source_db": PostgresResource(resource_name="source_db", url=databases.source_url),
+        "analytical_db": PostgresResource(
+            resource_name="analytical_db", url=databases.analytical_url
+        ),
+    }
+    databases.add_source_posts([Post(id=i) for i in (1, 2, 300_000, 300_001)])
+
+    with dg.instance_for_test() as instance:
+
+        def tick():  # -> SensorExecutionData, which Dagster does not export
+            with dg.build_sensor_context(instance=instance, resources=resources) as context:
+                return sensor.evaluate_tick(context)
+
+        (request,) = tick().run_requests  # 300,001 ids behind: catch up
+        assert request.run_key == "catch-up-after-None"
+        assert request.run_config["ops"]["source_posts_batch"]["config"]["batch_size"] == 10**6
+
+        going = instance.create_run_for_job(job, status=dg.DagsterRunStatus.STARTED)
+        waiting = tick()
+        assert not waiting.run_requests
+        assert f"Run {going.run_id} is still going" in (waiting.skip_message or "")
+        instance.delete_run(going.run_id)
+
+        run = job.execute_in_process(
+            run_config=request.run_config, instance=instance, tags=request.tags
+        )
+        assert run.success
+        assert databases.loaded_ids() == [1, 2, 300_000, 300_001]
+        caught_up = tick()
+        assert not caught_up.run_requests
+        assert "0 ids behind the source" in (caught_up.skip_message or "")
+
+        # 150,000 new ids: more than a tick's default window, so the sensor resumes.
+        databases.add_source_posts([Post(id=450_001)])
+        (resumed,) = tick().run_requests
+        assert resumed.run_key == "catch-up-after-300001"
+
+
 def test_the_backlog_check_warns_then_fails_as_the_cursor_falls_behind(
     databases: PipelineDatabases, instance: dg.DagsterInstance
 ) -> None:

@@ -33,6 +33,13 @@ def test_schedule_runs_the_job_every_15_minutes() -> None:
     assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
 
 
+def test_the_catch_up_sensor_starts_the_job_and_is_on_by_default() -> None:
+    sensor = defs.resolve_sensor_def("stackoverflow_posts_catch_up_sensor")
+    assert sensor.job_name == "stackoverflow_posts_job"
+    assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
+    assert sensor.minimum_interval_seconds == 10
+
+
 def test_the_full_reconciliation_runs_daily_in_its_own_job() -> None:
     job = defs.resolve_job_def("stackoverflow_posts_reconciliation_job")
     assert {node.name for node in job.nodes_in_topological_order} == {
