@@ -143,6 +143,25 @@ def test_a_malformed_run_config_is_named_before_anything_runs(
     assert instance.get_latest_materialization_event(dg.AssetKey("filtered_posts")) is None
 
 
+@pytest.mark.parametrize(
+    ("copy_streams", "expected"),
+    [(0, "greater than or equal to 1"), (9, "less than or equal to 8")],
+)
+def test_an_out_of_range_copy_streams_fails_the_load_step_before_it_writes(
+    databases: PipelineDatabases, instance: dg.DagsterInstance, copy_streams: int, expected: str
+) -> None:
+    """Dagster checks the bounds when the step starts, after the window step ran."""
+    databases.add_source_posts([Post(id=1)])
+
+    outcome = run_job(instance, copy_streams=copy_streams)
+
+    assert not outcome.success
+    assert "copy_streams" in outcome.failure_message()
+    assert expected in outcome.failure_message()
+    assert instance.get_latest_materialization_event(dg.AssetKey("filtered_posts")) is None
+    assert databases.query("analytical", "SELECT to_regclass('posts')") == [(None,)]
+
+
 def test_tls_settings_in_the_url_reach_libpq(databases: PipelineDatabases) -> None:
     """RDS needs sslmode=verify-full and its root certificate: both travel in the URL.
 
