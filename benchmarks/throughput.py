@@ -213,13 +213,21 @@ class Bench:
         return seconds, rss, output
 
     def steady_ticks(self, target: str, ticks: int) -> list[float]:
-        """Add 1,000 posts above the source's max id, then time one default tick, `ticks` times."""
+        """Add 1,000 posts above the source's max id, then time one default tick, `ticks` times.
+
+        The added posts are deleted afterwards, so the next benchmark run reuses the source.
+        """
         env = self.pipeline_env(target, "bench_dagster_ticks")
+        generated_max_id = _max_id(self.source)
         timings = []
-        for _ in range(ticks):
-            _add_posts(self.source, 1000)
-            seconds, _, _ = self.execute_job(env, None)
-            timings.append(seconds)
+        try:
+            for _ in range(ticks):
+                _add_posts(self.source, 1000)
+                seconds, _, _ = self.execute_job(env, None)
+                timings.append(seconds)
+        finally:
+            with psycopg.connect(self.source) as connection:
+                connection.execute("DELETE FROM posts WHERE id > %s", [generated_max_id])
         return timings
 
 
