@@ -20,8 +20,9 @@ class PostWindow:
 
     Ids above `after_id` (the cursor, or a replay's start) are new; those in
     `(read_after_id, after_id]` are the look-back, re-read in case a late row committed there
-    after the previous run. Only these bounds pass between the assets: `filtered_posts`
-    streams the rows itself, so no window is ever held in memory. None means "from the start".
+    after the previous run. Only these bounds (and `new_rows`, the count of new ids, which
+    sizes the parallel COPY streams) pass between the assets: `filtered_posts` streams the rows
+    itself, so no window is ever held in memory. None means "from the start".
     """
 
     read_after_id: int | None
@@ -60,9 +61,9 @@ def source_max_id(source_db: PostgresResource) -> int | None:
 def split_id_range(
     source: psycopg.Connection, after_id: int | None, last_id: int, row_offsets: list[int]
 ) -> list[int]:
-    """The ids at `row_offsets` (ascending) among the source ids in (after_id, last_id].
+    """The ids at `row_offsets` (ascending) among the source ids after `after_id`, below `last_id`.
 
-    Offsets past the range's end are left out, so the result cuts the range into at most
+    Offsets past the end are left out, so the result cuts (after_id, last_id] into at most
     len(row_offsets) + 1 non-empty, contiguous parts.
     """
     query = sql.SQL(
