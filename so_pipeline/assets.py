@@ -8,12 +8,7 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
-from so_pipeline.cursor import (
-    CURSOR_METADATA_KEY,
-    cursor_from_analytical,
-    cursor_from_history,
-    latest_metadata,
-)
+from so_pipeline.cursor import CURSOR_METADATA_KEY, current_cursor, latest_metadata
 from so_pipeline.post_rules import RejectReason
 from so_pipeline.resources import PostgresResource
 from so_pipeline.schema import check_source_table, ensure_analytical_tables, posts_table
@@ -101,11 +96,7 @@ def source_posts_batch(
 ) -> dg.Output[PostWindow]:
     """The next window of source post ids after the cursor (its bounds, not its rows)."""
     check_source_table(source_db, SOURCE_TABLE)
-    cursor = cursor_from_history(context.instance)
-    cursor_origin = "materialization history"
-    if cursor is None:
-        cursor = cursor_from_analytical(analytical_db)
-        cursor_origin = "analytical tables" if cursor is not None else "start of source"
+    cursor, cursor_origin = current_cursor(context.instance, analytical_db)
     if config.start_after_id is None:
         after_id = cursor
         read_after_id = None if cursor is None else cursor - config.lookback_ids

@@ -39,3 +39,14 @@ def cursor_from_analytical(analytical_db: PostgresResource) -> int | None:
         ]
     present = [value for value in highest if value is not None]
     return max(present) if present else None
+
+
+def current_cursor(
+    instance: dg.DagsterInstance, analytical_db: PostgresResource
+) -> tuple[int | None, str]:
+    """(the cursor, where it came from): the history, else the analytical tables, else None."""
+    cursor = cursor_from_history(instance)
+    if cursor is not None:
+        return cursor, "materialization history"
+    cursor = cursor_from_analytical(analytical_db)
+    return cursor, "analytical tables" if cursor is not None else "start of source"

@@ -9,7 +9,7 @@ from so_pipeline.checks import (
     post_ids_are_unique,
     reconciled_with_source,
 )
-from so_pipeline.cursor import cursor_from_analytical, cursor_from_history
+from so_pipeline.cursor import current_cursor, cursor_from_history
 from so_pipeline.resources import PostgresResource
 from so_pipeline.source_queries import source_max_id
 
@@ -90,9 +90,7 @@ def stackoverflow_posts_catch_up_sensor(
     )
     if active:
         return dg.SkipReason(f"Run {active[0].dagster_run.run_id} is still going.")
-    cursor = cursor_from_history(context.instance)
-    if cursor is None:
-        cursor = cursor_from_analytical(analytical_db)
+    cursor, _ = current_cursor(context.instance, analytical_db)
     highest = source_max_id(source_db)
     behind = 0 if highest is None else highest - (cursor if cursor is not None else 0)
     if behind <= CATCH_UP_AFTER_IDS_BEHIND:
