@@ -150,6 +150,54 @@ def test_a_failing_copy_stream_rolls_back_every_stream_of_the_window(
     assert databases.loaded_ids() == expected
 
 
+def test_a_row_written_behind_the_pipelines_back_is_merged_by_the_retry(
+    databases: PipelineDatabases, instance: dg.DagsterInstance
+) -> None:
+    """A writer that skips the advisory lock puts an id into the window while COPY runs.
+
+    The direct COPY then hits a unique violation; the retry sees the id loaded, takes the
+    staged merge and keeps the intruder's row.
+    """
+    expected = generate_source_posts(databases.source_url, 20_000)
+    ensure_analytical_tables(
+        PostgresResource(resource_name="analytical_db", url=databases.analytical_url)
+    )
+    intruder_id = expected[len(expected) // 2]
+    outcomes = []
+    with psycopg.connect(databases.analytical_url) as intruder:
+        # Not committed yet: the COPY's unique check on this id waits for this transaction.
+        intruder.execute(
+            "INSERT INTO posts (id, title, body) VALUES (%s, 'intruder', '<p>first</p>')",
+            [intruder_id],
+        )
+        runner = threading.Thread(target=lambda: outcomes.append(run_job(instance)))
+        runner.start()
+        _wait_for(lambda: _copy_waits_for_a_transaction(databases.analytical_url))
+        intruder.commit()
+        runner.join(timeout=120)
+
+    (outcome,) = outcomes
+    assert outcome.success
+    retried = [e for e in outcome.result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
+    assert "duplicate key value violates unique constraint" in str(retried[0].event_specific_data)
+    assert outcome.metadata()["load_path"] == "staged merge"
+    assert outcome.metadata()["rows_loaded"] == len(expected) - 1
+    assert databases.loaded_ids() == expected
+    assert databases.query(
+        "analytical", "SELECT title FROM posts WHERE id = %s", [intruder_id]
+    ) == [("intruder",)]
+
+
+def _copy_waits_for_a_transaction(url: str) -> bool:
+    with psycopg.connect(url, autocommit=True) as connection:
+        return bool(
+            connection.execute(
+                "SELECT 1 FROM pg_stat_activity WHERE application_name = 'so_pipeline' "
+                "AND wait_event_type = 'Lock' AND wait_event = 'transactionid'"
+            ).fetchall()
+        )
+
+
 def test_permanent_errors_are_not_retried(
     databases: PipelineDatabases, instance: dg.DagsterInstance, monkeypatch: pytest.MonkeyPatch
 ) -> None:
