@@ -59,23 +59,28 @@ def source_max_id(source_db: PostgresResource) -> int | None:
 
 
 def split_id_range(
-    source: psycopg.Connection, after_id: int | None, last_id: int, row_offsets: list[int]
+    source: psycopg.Connection, after_id: int | None, last_id: int, parts: int, rows: int
 ) -> list[int]:
-    """The ids at `row_offsets` (ascending) among the source ids after `after_id`, below `last_id`.
+    """Ids that cut the `rows` source ids in (after_id, last_id] into `parts` about equal parts.
 
-    Offsets past the end are left out, so the result cuts (after_id, last_id] into at most
-    len(row_offsets) + 1 non-empty, contiguous parts.
+    Each cut is found after the previous one (keyset on the primary key), so the index is read
+    once whatever the number of parts. Fewer cuts come back when the range holds fewer rows
+    than expected; every part is non-empty and together they cover the range.
     """
     query = sql.SQL(
         "SELECT id FROM {table} WHERE (%(after_id)s::bigint IS NULL OR id > %(after_id)s::bigint)"
         " AND id < %(last_id)s::bigint ORDER BY id OFFSET %(offset)s LIMIT 1"
     ).format(table=sql.Identifier(SOURCE_TABLE))
     cuts: list[int] = []
-    for offset in row_offsets:
-        row = source.execute(query, {"after_id": after_id, "last_id": last_id, "offset": offset})
-        found = row.fetchone()
-        if found is not None and (not cuts or found[0] > cuts[-1]):
-            cuts.append(found[0])
+    previous = after_id
+    for _ in range(parts - 1):
+        found = source.execute(
+            query, {"after_id": previous, "last_id": last_id, "offset": rows // parts - 1}
+        ).fetchone()
+        if found is None:
+            break
+        previous = found[0]
+        cuts.append(previous)
     return cuts
 
 

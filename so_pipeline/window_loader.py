@@ -164,8 +164,7 @@ def _split(
     if streams == 1:
         return [id_range]
     after_id, last_id = id_range
-    offsets = [rows * part // streams for part in range(1, streams)]
-    cuts = split_id_range(source, after_id, last_id, offsets)
+    cuts = split_id_range(source, after_id, last_id, streams, rows)
     return list(zip([after_id, *cuts], [*cuts, last_id], strict=True))
 
 
