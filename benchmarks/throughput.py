@@ -109,16 +109,20 @@ class Bench:
         self.load_phase: list[float] = []  # seconds inside the filtered_posts step, per catch-up
 
     def fresh_database(self, name: str, create_posts: bool = True) -> str:
-        """An empty database `name`; every method starts right after a checkpoint.
+        """An empty database `name`; every method starts on a quiet server.
 
-        Each load writes more WAL than max_wal_size, so without it a method would pay for
-        the checkpoint its predecessor triggered.
+        Each load writes more WAL than max_wal_size and leaves a 1M-row table that autovacuum
+        then visits, so without this a method would pay for its predecessor's checkpoint and
+        vacuum.
         """
         self.server.drop_database(name)
         url = self.server.create_database(name)
         with psycopg.connect(url, autocommit=True) as connection:
             if create_posts:
                 connection.execute(POSTS_DDL)
+            deadline = time.monotonic() + 300
+            while _autovacuum_workers(connection) and time.monotonic() < deadline:
+                time.sleep(0.5)
             connection.execute("CHECKPOINT")
         return url
 
@@ -229,6 +233,12 @@ class Bench:
             with psycopg.connect(self.source) as connection:
                 connection.execute("DELETE FROM posts WHERE id > %s", [generated_max_id])
         return timings
+
+
+def _autovacuum_workers(connection: psycopg.Connection) -> int:
+    return connection.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'autovacuum worker'"
+    ).fetchone()[0]  # type: ignore[index]
 
 
 def _psql_pipe(source: str, target: str, where: str, binary: bool) -> str:

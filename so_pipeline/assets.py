@@ -19,6 +19,12 @@ from so_pipeline.source_queries import (
     source_max_id,
 )
 from so_pipeline.table_stats import count_posts, loaded_posts_preview
+from so_pipeline.window_checks import (
+    BacklogLimits,
+    check_backlog,
+    check_post_ids_are_unique,
+    window_check_specs,
+)
 from so_pipeline.window_loader import MIN_ROWS_PER_STREAM, WindowLoad, load_window
 
 # 100k posts (~120 MB of source data) take a few seconds per tick and keep each transaction
@@ -68,7 +74,7 @@ class SourceBatchConfig(dg.Config):
     )
 
 
-class FilterConfig(dg.Config):
+class FilterConfig(BacklogLimits):
     require_owner: bool = Field(
         default=True, description="Reject posts whose owner_user_id is NULL (deleted users)."
     )
@@ -111,6 +117,7 @@ def source_posts_batch(
         last_id=last_new_id if last_new_id is not None else after_id,
         cursor_before=cursor,
         new_rows=new_rows,
+        source_max_id=highest_source_id,
     )
     context.log.info(
         f"Window ({window.read_after_id}, {window.last_id}]: {new_rows} new posts after id "
@@ -130,11 +137,7 @@ def source_posts_batch(
                     "rows_in_window": new_rows,
                     "dagster/row_count": new_rows,
                     "source_max_id": highest_source_id,
-                    "ids_behind_source": (
-                        highest_source_id - window.last_id
-                        if highest_source_id is not None and window.last_id is not None
-                        else None
-                    ),
+                    "ids_behind_source": window.ids_behind_source,
                 }
             ),
         },
@@ -142,6 +145,7 @@ def source_posts_batch(
 
 
 @_asset(
+    check_specs=window_check_specs("filtered_posts"),
     # Shown on the asset's page: warn after an hour (four ticks) without a new
     # materialization, fail after three.
     freshness_policy=dg.FreshnessPolicy.time_window(
@@ -193,10 +197,15 @@ def filtered_posts(
             f"{load.newly_rejected_rows} newly rejected {load.newly_rejected_by_reason or ''}; "
             f"cursor {window.cursor_before} -> {cursor_after}"
         )
+    checks = [
+        check_post_ids_are_unique(analytical_db),
+        check_backlog(window.ids_behind_source, config),
+    ]
     preview = {}
     if load.loaded_rows and window.last_id is not None:
         preview["preview"] = loaded_posts_preview(analytical_db, window.after_id, window.last_id)
     return dg.MaterializeResult(
+        check_results=checks,
         metadata={
             "dagster/table_name": "posts",
             "dagster/column_schema": _posts_column_schema(),
@@ -223,7 +232,7 @@ def filtered_posts(
                     "rows_per_second": round(rows_read / seconds) if rows_read else None,
                 }
             ),
-        }
+        },
     )
 
 

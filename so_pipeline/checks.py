@@ -1,11 +1,13 @@
-"""Asset checks on `filtered_posts`: what an operator would otherwise verify by hand."""
+"""Whole-table asset checks on `filtered_posts`, run daily by the reconciliation job.
+
+(The checks evaluated with every window are in window_checks.)
+"""
 
 import dagster as dg
 import sqlalchemy as sa
-from pydantic import Field
 
-from so_pipeline.assets import filtered_posts, source_posts_batch
-from so_pipeline.cursor import cursor_from_history, latest_metadata
+from so_pipeline.assets import filtered_posts
+from so_pipeline.cursor import cursor_from_history
 from so_pipeline.post_rules import NON_WHITESPACE_REGEX
 from so_pipeline.resources import PostgresResource
 
@@ -102,53 +104,4 @@ def loaded_bodies_are_not_blank(analytical_db: PostgresResource) -> dg.AssetChec
         passed=blank == 0,
         metadata={"blank_bodies": blank}
         | ({"first_blank_id": first_blank_id} if first_blank_id is not None else {}),
-    )
-
-
-class BacklogLimits(dg.Config):
-    warn_ids_behind: int = Field(
-        default=1_000_000, description="Warn when the cursor is more ids than this behind."
-    )
-    fail_ids_behind: int = Field(
-        default=10_000_000, description="Fail when the cursor is more ids than this behind."
-    )
-
-
-@dg.asset_check(
-    asset=filtered_posts,
-    description="The cursor keeps up with the source: ids_behind_source of the latest window "
-    "stays under the limits (warn, then fail).",
-)
-def backlog_within_limits(
-    context: dg.AssetCheckExecutionContext, config: BacklogLimits
-) -> dg.AssetCheckResult:
-    window = latest_metadata(context.instance, source_posts_batch.key)
-    behind = int(window.get("ids_behind_source", 0))
-    metadata = {"ids_behind_source": behind, "warn_ids_behind": config.warn_ids_behind}
-    if behind > config.fail_ids_behind:
-        return dg.AssetCheckResult(
-            passed=False, severity=dg.AssetCheckSeverity.ERROR, metadata=metadata
-        )
-    if behind > config.warn_ids_behind:
-        return dg.AssetCheckResult(
-            passed=False, severity=dg.AssetCheckSeverity.WARN, metadata=metadata
-        )
-    return dg.AssetCheckResult(passed=True, metadata=metadata)
-
-
-@dg.asset_check(
-    asset=filtered_posts,
-    description="posts.id is still the primary key, so no id can be loaded twice.",
-)
-def post_ids_are_unique(analytical_db: PostgresResource) -> dg.AssetCheckResult:
-    with analytical_db.begin() as connection:
-        key_columns = connection.execute(
-            sa.text(
-                "SELECT array_agg(a.attname::text) FROM pg_index i "
-                "JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey) "
-                "WHERE i.indrelid = to_regclass('posts') AND i.indisprimary"
-            )
-        ).scalar_one()
-    return dg.AssetCheckResult(
-        passed=key_columns == ["id"], metadata={"primary_key": str(key_columns)}
     )

@@ -3,12 +3,7 @@
 import dagster as dg
 
 from so_pipeline.assets import filtered_posts, source_posts_batch
-from so_pipeline.checks import (
-    backlog_within_limits,
-    loaded_bodies_are_not_blank,
-    post_ids_are_unique,
-    reconciled_with_source,
-)
+from so_pipeline.checks import loaded_bodies_are_not_blank, reconciled_with_source
 from so_pipeline.jobs import (
     reconciliation_job,
     reconciliation_schedule,
@@ -20,12 +15,7 @@ from so_pipeline.resources import PostgresResource
 
 defs = dg.Definitions(
     assets=[source_posts_batch, filtered_posts],
-    asset_checks=[
-        reconciled_with_source,
-        loaded_bodies_are_not_blank,
-        post_ids_are_unique,
-        backlog_within_limits,
-    ],
+    asset_checks=[reconciled_with_source, loaded_bodies_are_not_blank],
     jobs=[stackoverflow_posts_job, reconciliation_job],
     schedules=[stackoverflow_posts_schedule, reconciliation_schedule],
     sensors=[stackoverflow_posts_catch_up_sensor],

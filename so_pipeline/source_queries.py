@@ -20,9 +20,10 @@ class PostWindow:
 
     Ids above `after_id` (the cursor, or a replay's start) are new; those in
     `(read_after_id, after_id]` are the look-back, re-read in case a late row committed there
-    after the previous run. Only these bounds (and `new_rows`, the count of new ids, which
-    sizes the parallel COPY streams) pass between the assets: `filtered_posts` streams the rows
-    itself, so no window is ever held in memory. None means "from the start".
+    after the previous run. Only these bounds pass between the assets, with `new_rows` (the
+    count of new ids, which sizes the parallel COPY streams) and the source's highest id:
+    `filtered_posts` streams the rows itself, so no window is ever held in memory. None means
+    "from the start".
     """
 
     read_after_id: int | None
@@ -30,10 +31,18 @@ class PostWindow:
     last_id: int | None
     cursor_before: int | None
     new_rows: int
+    source_max_id: int | None
 
     @property
     def is_empty(self) -> bool:
         return self.last_id is None or self.last_id == self.read_after_id
+
+    @property
+    def ids_behind_source(self) -> int:
+        """How far the source's highest id is beyond this window (the backlog)."""
+        if self.source_max_id is None or self.last_id is None:
+            return 0
+        return self.source_max_id - self.last_id
 
 
 def next_window_bounds(

@@ -201,7 +201,7 @@ def test_the_backlog_check_warns_then_fails_as_the_cursor_falls_behind(
         run_config = {
             "ops": {
                 "source_posts_batch": {"config": {"batch_size": 1}},
-                "filtered_posts_backlog_within_limits": {"config": limits},
+                "filtered_posts": {"config": limits},
             }
         }
         result = job.execute_in_process(run_config=run_config, instance=instance)

@@ -15,14 +15,12 @@ from so_pipeline.jobs import SERIAL_RUN_TAG
 from so_pipeline_tests.conftest import REPO_ROOT
 
 
-def test_job_materializes_both_assets_in_order_then_checks_them() -> None:
+def test_job_materializes_both_assets_in_order_and_checks_each_window() -> None:
     job = defs.resolve_job_def("stackoverflow_posts_job")
     nodes = [node.name for node in job.nodes_in_topological_order]
-    assert nodes[:2] == ["source_posts_batch", "filtered_posts"]
-    assert set(nodes[2:]) == {
-        "filtered_posts_post_ids_are_unique",
-        "filtered_posts_backlog_within_limits",
-    }
+    assert nodes == ["source_posts_batch", "filtered_posts"]
+    checks = {key.name for key in job.asset_layer.asset_graph.asset_check_keys}
+    assert checks == {"post_ids_are_unique", "backlog_within_limits"}
     assert job.tags == SERIAL_RUN_TAG
 
 

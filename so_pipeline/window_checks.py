@@ -1,0 +1,71 @@
+"""Checks evaluated with every window, inside the `filtered_posts` step.
+
+Declared as the asset's check specs rather than separate check steps: the results are the
+same in the UI, and a run saves two steps (~0.2 s, a tenth of a 1,000-post tick).
+"""
+
+import dagster as dg
+import sqlalchemy as sa
+from pydantic import Field
+
+from so_pipeline.resources import PostgresResource
+
+POST_IDS_ARE_UNIQUE = "post_ids_are_unique"
+BACKLOG_WITHIN_LIMITS = "backlog_within_limits"
+
+
+def window_check_specs(asset: str) -> list[dg.AssetCheckSpec]:
+    return [
+        dg.AssetCheckSpec(
+            POST_IDS_ARE_UNIQUE,
+            asset=asset,
+            description="posts.id is still the primary key, so no id can be loaded twice.",
+        ),
+        dg.AssetCheckSpec(
+            BACKLOG_WITHIN_LIMITS,
+            asset=asset,
+            description="The cursor keeps up with the source: ids_behind_source of the window "
+            "stays under the limits (warn, then fail).",
+        ),
+    ]
+
+
+class BacklogLimits(dg.Config):
+    warn_ids_behind: int = Field(
+        default=1_000_000, description="Warn when the cursor is more ids than this behind."
+    )
+    fail_ids_behind: int = Field(
+        default=10_000_000, description="Fail when the cursor is more ids than this behind."
+    )
+
+
+def check_backlog(ids_behind: int, limits: BacklogLimits) -> dg.AssetCheckResult:
+    metadata = {"ids_behind_source": ids_behind, "warn_ids_behind": limits.warn_ids_behind}
+    if ids_behind > limits.fail_ids_behind:
+        severity: dg.AssetCheckSeverity | None = dg.AssetCheckSeverity.ERROR
+    elif ids_behind > limits.warn_ids_behind:
+        severity = dg.AssetCheckSeverity.WARN
+    else:
+        severity = None
+    return dg.AssetCheckResult(
+        check_name=BACKLOG_WITHIN_LIMITS,
+        passed=severity is None,
+        severity=severity or dg.AssetCheckSeverity.ERROR,
+        metadata=metadata,
+    )
+
+
+def check_post_ids_are_unique(analytical_db: PostgresResource) -> dg.AssetCheckResult:
+    with analytical_db.begin() as connection:
+        key_columns = connection.execute(
+            sa.text(
+                "SELECT array_agg(a.attname::text) FROM pg_index i "
+                "JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey) "
+                "WHERE i.indrelid = to_regclass('posts') AND i.indisprimary"
+            )
+        ).scalar_one()
+    return dg.AssetCheckResult(
+        check_name=POST_IDS_ARE_UNIQUE,
+        passed=key_columns == ["id"],
+        metadata={"primary_key": str(key_columns)},
+    )
