@@ -22,7 +22,6 @@ identical whether loaded in one large window or tick-sized ones.
 import argparse
 import importlib.util
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -102,11 +101,13 @@ def _high_water_mark(pid: int) -> int:
 
 
 class Bench:
-    def __init__(self, server: LocalServer, sling: Path | None) -> None:
+    def __init__(self, server: LocalServer, sling: Path | None, log_dir: Path) -> None:
         self.server = server
         self.sling = sling
         self.source = server.url("bench_source")
         self.load_phase: list[float] = []  # seconds inside the filtered_posts step, per catch-up
+        self.log_dir = log_dir  # the output of every `dagster job execute`
+        self.runs = 0
 
     def fresh_database(self, name: str, create_posts: bool = True) -> str:
         """An empty database `name`; every method starts on a quiet server.
@@ -173,9 +174,9 @@ class Bench:
         env = self.pipeline_env(target, "bench_dagster")
         runs = seconds = peak = load_seconds = 0.0
         while True:
-            run_seconds, rss, output = self.execute_job(env, batch_size, copy_streams)
+            run_seconds, rss, _ = self.execute_job(env, batch_size, copy_streams)
             runs, seconds, peak = runs + 1, seconds + run_seconds, max(peak, rss)
-            load_seconds += _step_seconds(output, "filtered_posts")
+            load_seconds += _step_seconds(env, "filtered_posts")
             if _processed_max_id(target) == _max_id(self.source):
                 break
         if copy_streams is None:
@@ -211,9 +212,14 @@ class Bench:
                 "ops: {" + ", ".join(f"{op}: {value}" for op, value in ops.items()) + "}"
             )
             command += ["-c", str(config)]
-        seconds, rss, output = measure(command, env)
-        if "RUN_SUCCESS" not in output:
-            raise RuntimeError(f"job failed:\n{output[-4000:]}")
+        self.runs += 1
+        log = self.log_dir / f"run-{self.runs:03}.log"
+        try:
+            seconds, rss, output = measure(command, env)  # fails on a failed run's exit code
+        except RuntimeError as failure:
+            log.write_text(str(failure))
+            raise
+        log.write_text(output)
         return seconds, rss, output
 
     def steady_ticks(self, target: str, ticks: int) -> list[float]:
@@ -251,12 +257,20 @@ def _psql_pipe(source: str, target: str, where: str, binary: bool) -> str:
     )
 
 
-def _step_seconds(output: str, step: str) -> float:
-    """The duration Dagster logged for `step` ("... step "x" in 5.94s." or "in 812ms.")."""
-    found = re.search(rf'Finished execution of step "{step}" in ([0-9.]+)(ms|s)\.', output)
-    if not found:
-        raise RuntimeError(f"no duration logged for step {step}")
-    return float(found[1]) / (1000 if found[2] == "ms" else 1)
+def _step_seconds(env: dict[str, str], step: str) -> float:
+    """How long the latest run's `step` took, from Dagster's event log.
+
+    (Not from the command's output: Dagster copies step output back to it through `tail`
+    processes that can lose the last lines when the run ends.)
+    """
+    with psycopg.connect(env["DAGSTER_PG_URL"].replace("+psycopg2", "", 1)) as connection:
+        duration_ms = connection.execute(
+            "SELECT (event::json -> 'dagster_event' -> 'event_specific_data' ->> 'duration_ms')"
+            "::float FROM event_logs WHERE step_key = %s AND dagster_event_type = 'STEP_SUCCESS' "
+            "ORDER BY id DESC LIMIT 1",
+            [step],
+        ).fetchone()[0]  # type: ignore[index]
+    return duration_ms / 1000
 
 
 def _count(url: str) -> int:
@@ -335,7 +349,10 @@ def main() -> None:
 
     server = TcpPostgres(args.data_dir / "pgdata_tcp")
     try:
-        run_benchmark(Bench(server, args.sling), args)
+        log_dir = args.data_dir / "logs"
+        shutil.rmtree(log_dir, ignore_errors=True)
+        log_dir.mkdir(parents=True)
+        run_benchmark(Bench(server, args.sling, log_dir), args)
     finally:
         server.stop()
 
