@@ -13,10 +13,12 @@ targets are separate databases on it), this
 5. times so_pipeline catching up from an empty target through `dagster job execute`, with its
    default parallel COPY streams and with one;
 then prints, per method, the median over --rounds of rows/s, source MB/s, wall time and the
-peak RSS of any process of the loading command, and ratios to the raw text pipe. It also
-times steady-state ticks (1,000 new posts on a caught-up target, `dagster job execute` from
-start to end) and checks that the pipeline's result is exactly the kept source rows, and
-identical whether loaded in one large window or tick-sized ones.
+peak RSS of any process of the loading command, and ratios to the raw text pipe. Every method
+starts on a quiet server (autovacuum idle, right after a CHECKPOINT). It also times the
+catch-up in default 100k windows and steady-state ticks (1,000 new posts on a caught-up
+target, `dagster job execute` from start to end), and checks that the pipeline's result is
+exactly the kept source rows, whether loaded in one window, 100k windows, one or two COPY
+streams. The output of every `dagster job execute` is kept in <data-dir>/logs.
 """
 
 import argparse
