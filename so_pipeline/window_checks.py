@@ -41,18 +41,15 @@ class BacklogLimits(dg.Config):
 
 def check_backlog(ids_behind: int, limits: BacklogLimits) -> dg.AssetCheckResult:
     metadata = {"ids_behind_source": ids_behind, "warn_ids_behind": limits.warn_ids_behind}
-    if ids_behind > limits.fail_ids_behind:
-        severity: dg.AssetCheckSeverity | None = dg.AssetCheckSeverity.ERROR
-    elif ids_behind > limits.warn_ids_behind:
-        severity = dg.AssetCheckSeverity.WARN
-    else:
-        severity = None
-    return dg.AssetCheckResult(
-        check_name=BACKLOG_WITHIN_LIMITS,
-        passed=severity is None,
-        severity=severity or dg.AssetCheckSeverity.ERROR,
-        metadata=metadata,
-    )
+    for limit, severity in (
+        (limits.fail_ids_behind, dg.AssetCheckSeverity.ERROR),
+        (limits.warn_ids_behind, dg.AssetCheckSeverity.WARN),
+    ):
+        if ids_behind > limit:
+            return dg.AssetCheckResult(
+                check_name=BACKLOG_WITHIN_LIMITS, passed=False, severity=severity, metadata=metadata
+            )
+    return dg.AssetCheckResult(check_name=BACKLOG_WITHIN_LIMITS, passed=True, metadata=metadata)
 
 
 def check_post_ids_are_unique(analytical_db: PostgresResource) -> dg.AssetCheckResult:
