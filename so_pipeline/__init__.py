@@ -1,12 +1,21 @@
-"""so_pipeline: incremental Stack Overflow posts sync from a source to an analytical PostgreSQL."""
+"""so_pipeline: incremental Stack Overflow posts sync from a source to an analytical PostgreSQL.
 
-import gc
+Importing the package builds nothing: `so_pipeline.defs` (what `dagster ... -m so_pipeline`
+loads) is imported from `so_pipeline.definitions` on first access, so the local tooling in
+`so_pipeline.tooling` can be imported without loading Dagster's whole code location.
+"""
 
-from so_pipeline.definitions import defs
+from typing import Any
 
-# Importing Dagster creates ~150,000 tracked objects that live as long as the process. Moving
-# them out of the cyclic collector's reach spares every later full collection the walk over
-# them, and the interpreter's exit 0.6 s of it: a `dagster job execute` tick ends that sooner.
-gc.freeze()
 
-__all__ = ["defs"]
+def __getattr__(name: str) -> Any:
+    if name == "defs":
+        from so_pipeline.definitions import defs
+
+        return defs
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    # Dagster finds a module's Definitions by listing its attributes.
+    return [*globals(), "defs"]

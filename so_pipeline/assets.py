@@ -8,24 +8,19 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
-from so_pipeline.cursor import CURSOR_METADATA_KEY, current_cursor, latest_metadata
-from so_pipeline.post_rules import RejectReason
+from so_pipeline import analytical_posts as analytical
+from so_pipeline import source_posts as source
+from so_pipeline.cursor import current_cursor, latest_metadata
+from so_pipeline.metadata import column_schema, markdown_table
 from so_pipeline.resources import PostgresResource
-from so_pipeline.schema import check_source_table, ensure_analytical_tables, posts_table
-from so_pipeline.source_queries import (
-    SOURCE_TABLE,
-    PostWindow,
-    next_window_bounds,
-    source_max_id,
-)
-from so_pipeline.table_stats import count_posts, loaded_posts_preview
+from so_pipeline.window import PostWindow
 from so_pipeline.window_checks import (
     BacklogLimits,
     check_backlog,
     check_post_ids_are_unique,
     window_check_specs,
 )
-from so_pipeline.window_loader import MIN_ROWS_PER_STREAM, WindowLoad, load_window
+from so_pipeline.window_loader import MIN_ROWS_PER_STREAM, WindowLoad, WindowLoader
 
 # 100k posts (~120 MB of source data) take a few seconds per tick and keep each transaction
 # short; raise it for a catch-up run, memory does not grow with it.
@@ -88,11 +83,6 @@ class FilterConfig(BacklogLimits):
     )
 
 
-def _numbers(values: dict[str, int | float | None]) -> dict[str, int | float]:
-    """Metadata keeps numbers as numbers (so the UI can plot them) and leaves out unknowns."""
-    return {key: value for key, value in values.items() if value is not None}
-
-
 @_asset()
 def source_posts_batch(
     context: dg.AssetExecutionContext,
@@ -101,7 +91,6 @@ def source_posts_batch(
     analytical_db: PostgresResource,
 ) -> dg.Output[PostWindow]:
     """The next window of source post ids after the cursor (its bounds, not its rows)."""
-    check_source_table(source_db, SOURCE_TABLE)
     cursor, cursor_origin = current_cursor(context.instance, analytical_db)
     if config.start_after_id is None:
         after_id = cursor
@@ -109,8 +98,12 @@ def source_posts_batch(
     else:
         after_id = read_after_id = config.start_after_id
         cursor_origin = "start_after_id (replay)"
-    new_rows, first_id, last_new_id = next_window_bounds(source_db, after_id, config.batch_size)
-    highest_source_id = source_max_id(source_db)
+    with source_db.connect() as connection:
+        source.check_source_table(connection, source_db.location)
+        new_rows, first_id, last_new_id = source.next_window_bounds(
+            connection, after_id, config.batch_size
+        )
+        highest_source_id = source.max_id(connection)
     window = PostWindow(
         read_after_id=read_after_id,
         after_id=after_id,
@@ -118,30 +111,18 @@ def source_posts_batch(
         cursor_before=cursor,
         new_rows=new_rows,
         source_max_id=highest_source_id,
+        cursor_origin=cursor_origin,
+        first_new_id=first_id,
     )
     context.log.info(
-        f"Window ({window.read_after_id}, {window.last_id}]: {new_rows} new posts after id "
-        f"{after_id} (cursor from {cursor_origin}); source max id {highest_source_id}"
+        "Window %s: %d new posts after id %s (cursor from %s); source max id %s",
+        window.describe(),
+        new_rows,
+        after_id,
+        cursor_origin,
+        highest_source_id,
     )
-    return dg.Output(
-        window,
-        metadata={
-            "cursor_origin": cursor_origin,
-            **_numbers(
-                {
-                    "cursor_before": cursor,
-                    "window_after_id": after_id,
-                    "lookback_after_id": read_after_id,
-                    "window_first_id": first_id,
-                    "window_last_id": window.last_id,
-                    "rows_in_window": new_rows,
-                    "dagster/row_count": new_rows,
-                    "source_max_id": highest_source_id,
-                    "ids_behind_source": window.ids_behind_source,
-                }
-            ),
-        },
-    )
+    return dg.Output(window, metadata=window.metadata())
 
 
 @_asset(
@@ -165,80 +146,51 @@ def filtered_posts(
     asset's metadata is the pipeline's cursor.
     """
     window = source_posts_batch
-    ensure_analytical_tables(analytical_db)
-    # The running total of rows in posts; counted (once) before loading when unknown, which
-    # costs nothing on a new table, instead of scanning what this window just wrote.
-    rows_before = latest_metadata(context.instance).get("dagster/row_count")
-    if rows_before is None:
-        rows_before = count_posts(analytical_db)
+    with analytical_db.connect() as connection:
+        analytical.ensure_tables(connection)
+        # The running total of rows in posts; counted (once) when unknown, which costs nothing
+        # on a new table, instead of scanning what this window just wrote.
+        rows_before = latest_metadata(context.instance).get("dagster/row_count")
+        if rows_before is None:
+            rows_before = analytical.count_posts(connection)
     started = time.monotonic()
     if window.is_empty:
-        load = WindowLoad(0, 0, 0, {}, wrote_directly=False)
-        context.log.info(f"Caught up: nothing after id {window.after_id}; cursor unchanged.")
+        load = WindowLoad()
+        context.log.info("Caught up: nothing after id %s; cursor unchanged.", window.after_id)
     else:
-        load = load_window(
-            source_db, analytical_db, window, config.require_owner, config.copy_streams
+        loader = WindowLoader(source_db, analytical_db, config.require_owner, config.copy_streams)
+        load = loader.load(window)
+        context.log.info(
+            "Window %s: %s; cursor %s -> %s",
+            window.describe(),
+            load.describe(),
+            window.cursor_before,
+            window.cursor_after,
         )
     seconds = time.monotonic() - started
-    # A replay of an older range must not move the cursor back over work already done.
-    cursor_after = max(
-        (i for i in (window.cursor_before, window.last_id) if i is not None), default=None
-    )
-    rows_read = load.kept_rows + load.rejected_rows
     if load.lock_wait_seconds:
         context.log.warning(
-            f"Waited {load.lock_wait_seconds:.1f} s for another run holding the load lock; "
-            "rows it had loaded were found present and skipped."
+            "Waited %.1f s for another run holding the load lock; rows it had loaded were found "
+            "present and skipped.",
+            load.lock_wait_seconds,
         )
-    if not window.is_empty:
-        context.log.info(
-            f"Window ({window.read_after_id}, {window.last_id}]: {rows_read} posts read, "
-            f"{load.loaded_rows} loaded, {load.already_present_rows} already present, "
-            f"{load.newly_rejected_rows} newly rejected {load.newly_rejected_by_reason or ''}; "
-            f"cursor {window.cursor_before} -> {cursor_after}"
-        )
-    checks = [
-        check_post_ids_are_unique(analytical_db),
-        check_backlog(window.ids_behind_source, config),
-    ]
-    preview = {}
-    if load.loaded_rows and window.last_id is not None:
-        preview["preview"] = loaded_posts_preview(analytical_db, window.after_id, window.last_id)
+    with analytical_db.connect() as connection:
+        checks = [
+            check_post_ids_are_unique(connection),
+            check_backlog(window.ids_behind_source, config),
+        ]
+        preview = {}
+        if load.loaded_rows and window.last_id is not None:
+            rows = analytical.preview_rows(connection, window.after_id, window.last_id)
+            preview["preview"] = markdown_table(analytical.copied_columns(analytical.posts), rows)
     return dg.MaterializeResult(
         check_results=checks,
         metadata={
-            "dagster/table_name": "posts",
-            "dagster/column_schema": _posts_column_schema(),
+            "dagster/table_name": analytical.posts.name,
+            "dagster/column_schema": column_schema(analytical.posts),
             "dagster/row_count": rows_before + load.loaded_rows,
-            "load_path": "direct COPY" if load.wrote_directly else "staged merge",
             **preview,
-            **_numbers(
-                {
-                    CURSOR_METADATA_KEY: cursor_after,
-                    "cursor_before": window.cursor_before,
-                    "window_after_id": window.after_id,
-                    "window_last_id": window.last_id,
-                    "rows_read": rows_read,
-                    "rows_loaded": load.loaded_rows,
-                    "rows_already_present": load.already_present_rows,
-                    "rows_rejected": load.newly_rejected_rows,
-                    **{
-                        f"rejected_{reason}": load.newly_rejected_by_reason.get(reason, 0)
-                        for reason in RejectReason
-                    },
-                    "duration_seconds": round(seconds, 3),
-                    "lock_wait_seconds": round(load.lock_wait_seconds, 3),
-                    "copy_streams": load.copy_streams,
-                    "rows_per_second": round(rows_read / seconds) if rows_read else None,
-                }
-            ),
+            **window.cursor_metadata(),
+            **load.metadata(seconds),
         },
-    )
-
-
-def _posts_column_schema() -> dg.TableSchema:
-    return dg.TableSchema(
-        columns=[
-            dg.TableColumn(column.name, str(column.type).lower()) for column in posts_table.columns
-        ]
     )

@@ -6,43 +6,37 @@
 import dagster as dg
 import sqlalchemy as sa
 
+from so_pipeline.analytical_posts import blank_bodies, processed_ids
 from so_pipeline.assets import filtered_posts
+from so_pipeline.core_sql import execute
 from so_pipeline.cursor import cursor_from_history
 from so_pipeline.post_rules import NON_WHITESPACE_REGEX
 from so_pipeline.resources import PostgresResource
+from so_pipeline.source_posts import source_posts
 
 # Reconciliation compares id counts per bucket of this many ids, then narrows the first
 # mismatching bucket down to buckets of FINE_BUCKET_IDS to name a small range.
 COARSE_BUCKET_IDS = 1_000_000
 FINE_BUCKET_IDS = 1_000
-
-_SOURCE_BUCKETS = sa.text(
-    "SELECT div(id, :bucket) AS bucket, count(*) FROM posts "
-    "WHERE id > :low AND id <= :high GROUP BY 1"
-)
-_ANALYTICAL_BUCKETS = sa.text(
-    "SELECT div(id, :bucket) AS bucket, count(*) FROM ("
-    "  SELECT id FROM posts WHERE id > :low AND id <= :high"
-    "  UNION ALL SELECT id FROM posts_rejected WHERE id > :low AND id <= :high"
-    ") AS processed GROUP BY 1"
-)
 _LOWEST_ID = -(2**63)
 
 
 def _bucket_counts(
-    database: PostgresResource, query: sa.TextClause, bucket: int, low: int, high: int
+    database: PostgresResource, ids: sa.FromClause, bucket: int, low: int, high: int
 ) -> dict[int, int]:
-    with database.begin() as connection:
-        rows = connection.execute(query, {"bucket": bucket, "low": low, "high": high}).all()
-    return {int(key): int(count) for key, count in rows}
+    """Ids of `ids` (a selectable with an `id` column) in (low, high], counted per bucket."""
+    key = sa.func.div(ids.c.id, bucket)
+    query = sa.select(key, sa.func.count()).where(ids.c.id > low, ids.c.id <= high).group_by(key)
+    with database.connect() as connection:
+        return {int(k): int(count) for k, count in execute(connection, query).fetchall()}
 
 
 def _first_mismatch(
     source_db: PostgresResource, analytical_db: PostgresResource, bucket: int, low: int, high: int
 ) -> tuple[int, int, int] | None:
     """(first bucket, source count, analytical count) of the first bucket that differs."""
-    source = _bucket_counts(source_db, _SOURCE_BUCKETS, bucket, low, high)
-    analytical = _bucket_counts(analytical_db, _ANALYTICAL_BUCKETS, bucket, low, high)
+    source = _bucket_counts(source_db, source_posts, bucket, low, high)
+    analytical = _bucket_counts(analytical_db, processed_ids(), bucket, low, high)
     for key in sorted(set(source) | set(analytical)):
         if source.get(key, 0) != analytical.get(key, 0):
             return key, source.get(key, 0), analytical.get(key, 0)
@@ -92,14 +86,8 @@ def reconciled_with_source(
     description="No post in posts has a NULL, empty or whitespace-only body.",
 )
 def loaded_bodies_are_not_blank(analytical_db: PostgresResource) -> dg.AssetCheckResult:
-    with analytical_db.begin() as connection:
-        blank, first_blank_id = connection.execute(
-            sa.text(
-                "SELECT count(*), min(id) FROM posts WHERE body IS NULL "
-                "OR (left(body, 1) !~ :non_whitespace AND body !~ :non_whitespace)"
-            ),
-            {"non_whitespace": NON_WHITESPACE_REGEX},
-        ).one()
+    with analytical_db.connect() as connection:
+        blank, first_blank_id = blank_bodies(connection, NON_WHITESPACE_REGEX)
     return dg.AssetCheckResult(
         passed=blank == 0,
         metadata={"blank_bodies": blank}

@@ -5,7 +5,7 @@ analytical type, so the bytes fit as they are): no row is ever parsed or held by
 memory stays flat whatever the window size.
 """
 
-from collections.abc import Generator, Iterable, Sequence
+from collections.abc import Generator, Iterable
 from contextlib import closing
 from queue import Queue
 
@@ -25,13 +25,13 @@ def pipe_copy(
     copy_out: sql.Composed,
     params: dict[str, object],
     target: psycopg.Connection,
-    table: str | sql.Identifier,
-    columns: Sequence[str],
+    copy_in: sql.Composed,
 ) -> int:
-    """Stream a source `COPY ... TO STDOUT (FORMAT binary)` into `table`; return rows written."""
+    """Stream a source `COPY ... TO STDOUT (FORMAT binary)` into a target `COPY ... FROM STDIN
+    (FORMAT binary)`; return the rows written."""
     # closing(): if the target fails, end the source COPY now, before its transaction ends.
     with closing(_copy_out(source, copy_out, params)) as chunks:
-        return _copy_in(target, table, columns, chunks)
+        return _copy_in(target, copy_in, chunks)
 
 
 def _copy_out(
@@ -61,17 +61,8 @@ class _BoundedQueuedWriter(QueuedLibpqWriter):
         self._queue = Queue(maxsize=PIPE_QUEUE_CHUNKS)  # type: ignore[assignment]  # psycopg's alias
 
 
-def _copy_in(
-    target: psycopg.Connection,
-    table: str | sql.Identifier,
-    columns: Sequence[str],
-    chunks: Iterable[bytes],
-) -> int:
-    """COPY binary `chunks` into `table`; return the number of rows written."""
-    table_id = table if isinstance(table, sql.Identifier) else sql.Identifier(table)
-    copy_in = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT binary)").format(
-        table_id, sql.SQL(", ").join(map(sql.Identifier, columns))
-    )
+def _copy_in(target: psycopg.Connection, copy_in: sql.Composed, chunks: Iterable[bytes]) -> int:
+    """Write binary `chunks` through the `copy_in` statement; return the rows written."""
     with target.cursor() as writer:
         with writer.copy(copy_in, writer=_BoundedQueuedWriter(writer)) as rows_in:
             for chunk in chunks:

@@ -3,13 +3,12 @@
 from typing import Any
 
 import dagster as dg
-import sqlalchemy as sa
 
+from so_pipeline.analytical_posts import highest_processed_id
 from so_pipeline.resources import PostgresResource
-from so_pipeline.schema import posts_rejected_table, posts_table
+from so_pipeline.window import CURSOR_METADATA_KEY
 
 FILTERED_POSTS_KEY = dg.AssetKey("filtered_posts")
-CURSOR_METADATA_KEY = "last_processed_id"
 
 
 def latest_metadata(
@@ -30,15 +29,8 @@ def cursor_from_history(instance: dg.DagsterInstance) -> int | None:
 
 def cursor_from_analytical(analytical_db: PostgresResource) -> int | None:
     """The highest id already loaded or rejected: where to resume when history is lost."""
-    with analytical_db.begin() as connection:
-        inspector = sa.inspect(connection)
-        highest = [
-            connection.execute(sa.select(sa.func.max(table.c.id))).scalar_one()
-            for table in (posts_table, posts_rejected_table)
-            if inspector.has_table(table.name)
-        ]
-    present = [value for value in highest if value is not None]
-    return max(present) if present else None
+    with analytical_db.connect() as connection:
+        return highest_processed_id(connection)
 
 
 def current_cursor(
@@ -50,3 +42,9 @@ def current_cursor(
         return cursor, "materialization history"
     cursor = cursor_from_analytical(analytical_db)
     return cursor, "analytical tables" if cursor is not None else "start of source"
+
+
+def cursor_recorded_at(instance: dg.DagsterInstance) -> float | None:
+    """When the latest `filtered_posts` materialization was recorded (a Unix timestamp)."""
+    event = instance.get_latest_materialization_event(FILTERED_POSTS_KEY)
+    return event.timestamp if event else None

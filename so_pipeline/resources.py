@@ -6,13 +6,16 @@ from contextlib import contextmanager
 import dagster as dg
 import psycopg
 import sqlalchemy as sa
-from pydantic import Field, PrivateAttr
+from pydantic import Field
 
 ACCEPTED_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg")
 
-# Every session works in UTC (a timestamptz source column becomes a UTC timestamp) and
-# speaks ISO dates and UTF-8, whatever the servers' own defaults are.
-_SESSION_SETUP = "SET TIME ZONE 'UTC'; SET datestyle = 'ISO'; SET client_encoding = 'UTF8'"
+# Every session works in UTC (a timestamptz source column becomes a UTC timestamp) and speaks
+# ISO dates and UTF-8, whatever the servers' defaults are. These travel in the connection's
+# start-up packet rather than as a SET afterwards, so they hold on every backend a pooler
+# (PgBouncer in transaction mode) may hand a statement to.
+_SESSION_OPTIONS = "-c TimeZone=UTC -c DateStyle=ISO"
+_CLIENT_ENCODING = "UTF8"
 
 
 class DatabaseConfigError(dg.Failure):
@@ -40,8 +43,8 @@ _PERMANENT_LOGIN_MESSAGES = (
 )
 
 
-def to_psycopg_url(raw_url: str, resource_name: str) -> sa.URL:
-    """Parse a `postgresql://` or `postgresql+psycopg://` URL and pin the psycopg 3 driver."""
+def parse_url(raw_url: str, resource_name: str) -> sa.URL:
+    """Parse a `postgresql://` or `postgresql+psycopg://` URL; fail naming the resource."""
     try:
         url = sa.make_url(raw_url.strip())
     except (sa.exc.ArgumentError, ValueError):  # ValueError: a port that is not a number
@@ -56,7 +59,12 @@ def to_psycopg_url(raw_url: str, resource_name: str) -> sa.URL:
             f"(use one of {', '.join(s + '://' for s in ACCEPTED_SCHEMES)})",
             allow_retries=False,
         )
-    return url.set(drivername="postgresql+psycopg")
+    return url
+
+
+def libpq_conninfo(url: sa.URL) -> str:
+    """The URL as libpq reads it (its query string, e.g. sslmode, passes through)."""
+    return url.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 def describe_location(url: sa.URL) -> str:
@@ -68,8 +76,23 @@ def describe_location(url: sa.URL) -> str:
     return f"{host}{port}/{url.database or ''}"
 
 
+def scrub(text: str, secret: str | None) -> str:
+    """`text` on one line, with `secret` (a password) replaced by ***."""
+    line = " ".join(text.split())
+    return line.replace(secret, "***") if secret else line
+
+
+def is_permanent(error: BaseException) -> bool:
+    """Whether retrying cannot fix `error` (a refused login, a missing table, a privilege)."""
+    sqlstate = getattr(error, "sqlstate", None)
+    if sqlstate:
+        return sqlstate.startswith(_PERMANENT_SQLSTATE_CLASSES)
+    message = str(error)
+    return "FATAL" in message and any(words in message for words in _PERMANENT_LOGIN_MESSAGES)
+
+
 class PostgresResource(dg.ConfigurableResource):
-    """A PostgreSQL database, reached through a SQLAlchemy engine on psycopg 3.
+    """A PostgreSQL database, reached with psycopg 3.
 
     SSL settings (`sslmode`, `sslrootcert`) go in the URL's query string.
     """
@@ -78,85 +101,47 @@ class PostgresResource(dg.ConfigurableResource):
     url: str = Field(description="postgresql:// or postgresql+psycopg:// URL; use EnvVar.")
     connect_timeout_seconds: int = Field(default=10, description="Give up connecting after this.")
 
-    _engine: sa.Engine | None = PrivateAttr(default=None)
-
     @property
     def location(self) -> str:
-        return describe_location(to_psycopg_url(self.url, self.resource_name))
-
-    def get_engine(self) -> sa.Engine:
-        if self._engine is None:
-            engine = sa.create_engine(
-                to_psycopg_url(self.url, self.resource_name),
-                poolclass=sa.NullPool,
-                connect_args={
-                    "connect_timeout": self.connect_timeout_seconds,
-                    "application_name": "so_pipeline",
-                },
-            )
-            sa.event.listen(engine, "connect", _setup_session)
-            self._engine = engine
-        return self._engine
-
-    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
-        if self._engine is not None:
-            self._engine.dispose()
-            self._engine = None
-
-    @contextmanager
-    def begin(self) -> Iterator[sa.Connection]:
-        """A SQLAlchemy connection inside a transaction, committed on success."""
-        try:
-            with self.get_engine().begin() as connection:
-                yield connection
-        except sa.exc.DBAPIError as error:
-            raise self._failure(error.orig or error) from None
+        return describe_location(parse_url(self.url, self.resource_name))
 
     @contextmanager
     def connect(self) -> Iterator[psycopg.Connection]:
-        """A raw psycopg connection (for COPY), closed on exit; not in a transaction yet."""
+        """A connection in autocommit mode (open `connection.transaction()` to group writes).
+
+        Closed on exit. Errors that name the database (unreachable, refused, broken) leave as
+        one-line `dg.Failure`s naming this resource and its host, never the password.
+        """
+        url = parse_url(self.url, self.resource_name)
         try:
-            dbapi_connection = self.get_engine().raw_connection()
-        except sa.exc.DBAPIError as error:
-            raise self._failure(error.orig or error) from None
+            connection = psycopg.connect(
+                libpq_conninfo(url),
+                autocommit=True,
+                connect_timeout=self.connect_timeout_seconds,
+                application_name="so_pipeline",
+                client_encoding=_CLIENT_ENCODING,
+                options=_SESSION_OPTIONS,
+            )
+        except psycopg.Error as error:
+            raise self._failure(error, url) from None
         try:
-            connection: psycopg.Connection = dbapi_connection.driver_connection  # type: ignore[assignment]
-            connection.autocommit = True
             yield connection
         except psycopg.Error as error:
-            if connection.broken or _is_permanent(error):
-                raise self._failure(error) from None
+            if connection.broken or is_permanent(error):
+                raise self._failure(error, url) from None
             raise  # e.g. a serialization failure: Dagster's retry policy runs the step again
         finally:
-            dbapi_connection.close()
+            connection.close()
 
-    def _failure(self, error: BaseException) -> dg.Failure:
+    def _failure(self, error: BaseException, url: sa.URL) -> dg.Failure:
         """A one-line error naming this resource and its host, with any password scrubbed."""
-        reason = " ".join(str(error).split())
-        password = to_psycopg_url(self.url, self.resource_name).password
-        if password:
-            reason = reason.replace(password, "***")
-        if _is_permanent(error):
+        reason = scrub(str(error), url.password)
+        location = describe_location(url)
+        if is_permanent(error):
             return DatabaseRefusedError(
-                description=f"{self.resource_name}: PostgreSQL at {self.location} refused: "
-                f"{reason}",
+                description=f"{self.resource_name}: PostgreSQL at {location} refused: {reason}",
                 allow_retries=False,
             )
         return DatabaseUnavailableError(
-            description=f"{self.resource_name}: cannot use PostgreSQL at {self.location}: {reason}"
+            description=f"{self.resource_name}: cannot use PostgreSQL at {location}: {reason}"
         )
-
-
-def _is_permanent(error: BaseException) -> bool:
-    sqlstate = getattr(error, "sqlstate", None)
-    if sqlstate:
-        return sqlstate.startswith(_PERMANENT_SQLSTATE_CLASSES)
-    message = str(error)
-    return "FATAL" in message and any(words in message for words in _PERMANENT_LOGIN_MESSAGES)
-
-
-def _setup_session(dbapi_connection: psycopg.Connection, _record: object) -> None:
-    autocommit = dbapi_connection.autocommit
-    dbapi_connection.autocommit = True
-    dbapi_connection.execute(_SESSION_SETUP)
-    dbapi_connection.autocommit = autocommit

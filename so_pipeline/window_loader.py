@@ -9,42 +9,46 @@ with `ON CONFLICT (id) DO NOTHING`.
 """
 
 import time
-from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from types import TracebackType
+from typing import Any
 
 import psycopg
+import sqlalchemy as sa
 from psycopg import sql
 
+from so_pipeline import analytical_posts as analytical
 from so_pipeline.copy_pipe import pipe_copy
+from so_pipeline.core_sql import scalar
+from so_pipeline.metadata import numbers
+from so_pipeline.post_rules import RejectReason
 from so_pipeline.resources import PostgresResource
-from so_pipeline.schema import PIPELINE_LOCK_ID, POST_COLUMNS, REJECTED_COLUMNS
-from so_pipeline.source_queries import (
+from so_pipeline.source_posts import (
     COPY_KEPT_POSTS,
     COPY_REJECTED_POSTS,
-    PostWindow,
     range_params,
     split_id_range,
 )
+from so_pipeline.window import IdRange, PostWindow, cut_ranges, plan_load, stream_count
 
 # A window is split into parallel COPY streams only when each would carry at least this many
 # rows, so ticks keep to one stream, one transaction and two connections.
 MIN_ROWS_PER_STREAM = 50_000
 
-IdRange = tuple[int | None, int]  # (after_id, last_id]: ids after the first, up to the last
+_COPY_INTO_POSTS = analytical.copy_in(analytical.posts, analytical.copied_columns(analytical.posts))
 
 
 @dataclass(frozen=True)
 class WindowLoad:
     """What loading one window did."""
 
-    kept_rows: int
-    loaded_rows: int
-    rejected_rows: int
-    newly_rejected_by_reason: dict[str, int]
-    wrote_directly: bool
+    kept_rows: int = 0
+    loaded_rows: int = 0
+    rejected_rows: int = 0
+    newly_rejected_by_reason: dict[str, int] = field(default_factory=dict)
+    wrote_directly: bool = False
     lock_wait_seconds: float = 0.0
     copy_streams: int = 0
 
@@ -56,62 +60,42 @@ class WindowLoad:
     def newly_rejected_rows(self) -> int:
         return sum(self.newly_rejected_by_reason.values())
 
+    @property
+    def rows_read(self) -> int:
+        return self.kept_rows + self.rejected_rows
 
-@dataclass(frozen=True)
-class _Databases:
-    source_db: PostgresResource
-    analytical_db: PostgresResource
-    require_owner: bool
+    def describe(self) -> str:
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.newly_rejected_by_reason.items()))
+        return (
+            f"{self.rows_read} posts read, {self.loaded_rows} loaded, "
+            f"{self.already_present_rows} already present, {self.newly_rejected_rows} newly "
+            f"rejected{f' ({reasons})' if reasons else ''}"
+        )
 
-
-def load_window(
-    source_db: PostgresResource,
-    analytical_db: PostgresResource,
-    window: PostWindow,
-    require_owner: bool,
-    copy_streams: int = 1,
-) -> WindowLoad:
-    """Copy the window's kept posts into `posts` and its rejected ones into `posts_rejected`.
-
-    Loading is idempotent (`ON CONFLICT (id) DO NOTHING`), so a window that is re-read after a
-    crash, a replay, a look-back or an overlapping run adds nothing twice. The window commits
-    as one transaction, or, split into parallel streams, as one per stream, committed back to
-    back once every stream has finished (see README, "Guarantees").
-    """
-    assert window.last_id is not None
-    databases = _Databases(source_db, analytical_db, require_owner)
-    with analytical_db.connect() as target, source_db.connect() as source:
-        _prepare_source(source)
-        with target.transaction(), source.transaction():
-            lock_wait = _lock_analytical_writes(target)
-            highest_loaded = target.execute("SELECT max(id) FROM posts").fetchone()[0]  # type: ignore[index]
-            direct, merged = _plan_ranges(window, highest_loaded)
-            ranges = (
-                _split(source, direct, window.new_rows, copy_streams) if direct is not None else []
-            )
-            with ExitStack() as parallel:
-                direct_rows = _copy_direct(parallel, source, target, ranges, databases)
-                kept = loaded = 0
-                if merged:
-                    staged = _create_staging_table(target, "posts")
-                    for id_range in merged:
-                        kept += _copy_kept(source, target, id_range, staged, databases)
-                    loaded += _insert_missing(target, "posts", staged, POST_COLUMNS)
-                rejected, newly_rejected = _load_rejected_posts(source, target, window, databases)
-                written = direct_rows()
-            # Parallel streams' transactions have committed (closing `parallel`); this one next.
-    return WindowLoad(
-        kept_rows=kept + written,
-        loaded_rows=loaded + written,
-        rejected_rows=rejected,
-        newly_rejected_by_reason=newly_rejected,
-        wrote_directly=direct is not None,
-        lock_wait_seconds=lock_wait,
-        copy_streams=max(len(ranges), 1),
-    )
+    def metadata(self, seconds: float) -> dict[str, Any]:
+        """What `filtered_posts` records about the load, `seconds` being its duration."""
+        return {
+            "load_path": "direct COPY" if self.wrote_directly else "staged merge",
+            **numbers(
+                {
+                    "rows_read": self.rows_read,
+                    "rows_loaded": self.loaded_rows,
+                    "rows_already_present": self.already_present_rows,
+                    "rows_rejected": self.newly_rejected_rows,
+                    **{
+                        f"rejected_{reason}": self.newly_rejected_by_reason.get(reason, 0)
+                        for reason in RejectReason
+                    },
+                    "duration_seconds": round(seconds, 3),
+                    "lock_wait_seconds": round(self.lock_wait_seconds, 3),
+                    "copy_streams": self.copy_streams,
+                    "rows_per_second": round(self.rows_read / seconds) if self.rows_read else None,
+                }
+            ),
+        }
 
 
-def _prepare_source(source: psycopg.Connection) -> None:
+def prepare_source_reads(source: psycopg.Connection) -> None:
     """Read-only snapshot transactions, without parallel query.
 
     Every source read of a window shares one snapshot, so kept + rejected is exactly the
@@ -124,173 +108,182 @@ def _prepare_source(source: psycopg.Connection) -> None:
     source.execute("SET max_parallel_workers_per_gather = 0")
 
 
+class WindowLoader:
+    """Loads windows from `source_db` into `analytical_db` under the rules' parameters."""
+
+    def __init__(
+        self,
+        source_db: PostgresResource,
+        analytical_db: PostgresResource,
+        require_owner: bool,
+        copy_streams: int = 1,
+    ) -> None:
+        self.source_db = source_db
+        self.analytical_db = analytical_db
+        self.require_owner = require_owner
+        self.copy_streams = copy_streams
+
+    def load(self, window: PostWindow) -> WindowLoad:
+        """Copy the window's kept posts into `posts` and its rejected ones into `posts_rejected`.
+
+        Loading is idempotent (`ON CONFLICT (id) DO NOTHING`), so a window that is re-read
+        after a crash, a replay, a look-back or an overlapping run adds nothing twice. The
+        window commits as one transaction, or, split into parallel streams, as one per stream,
+        committed back to back once every stream has finished (see README, "Guarantees").
+        """
+        assert window.last_id is not None
+        with self.analytical_db.connect() as target, self.source_db.connect() as source:
+            prepare_source_reads(source)
+            with target.transaction(), source.transaction():
+                lock_wait = _lock_analytical_writes(target)
+                plan = plan_load(window, analytical.highest_loaded_id(target))
+                ranges = [] if plan.direct is None else self._cut(source, plan.direct, window)
+                with _DirectCopy(self, source, target, ranges) as direct:
+                    kept = loaded = 0
+                    if plan.merged:
+                        staged = analytical.create_staging_table(target, analytical.posts)
+                        for id_range in plan.merged:
+                            kept += self.copy_kept(source, target, id_range, staged)
+                        loaded = analytical.merge_posts(target, staged)
+                    rejected, newly_rejected = self._merge_rejected(source, target, window)
+                # 1. Leaving that block committed the parallel streams (they had all finished);
+                # 2. leaving this one commits the main transaction, releasing the lock last.
+        return WindowLoad(
+            kept_rows=kept + direct.rows,
+            loaded_rows=loaded + direct.rows,
+            rejected_rows=rejected,
+            newly_rejected_by_reason=newly_rejected,
+            wrote_directly=plan.direct is not None,
+            lock_wait_seconds=lock_wait,
+            copy_streams=max(len(ranges), 1),
+        )
+
+    def _cut(
+        self, source: psycopg.Connection, id_range: IdRange, window: PostWindow
+    ) -> list[IdRange]:
+        """`id_range` cut into up to `copy_streams` ranges of about equal row counts."""
+        streams = stream_count(window.new_rows, self.copy_streams, MIN_ROWS_PER_STREAM)
+        if streams == 1:
+            return [id_range]
+        cuts = split_id_range(source, *id_range, streams, window.new_rows)
+        return cut_ranges(id_range, cuts)
+
+    def copy_kept(
+        self,
+        source: psycopg.Connection,
+        target: psycopg.Connection,
+        id_range: IdRange,
+        staged: str | None = None,
+    ) -> int:
+        """Copy the kept posts of `id_range` into `posts`, or into the staging table `staged`."""
+        params = range_params(*id_range, self.require_owner)
+        copy_in = (
+            _COPY_INTO_POSTS
+            if staged is None
+            else analytical.copy_in(staged, analytical.copied_columns(analytical.posts))
+        )
+        return pipe_copy(source, COPY_KEPT_POSTS, params, target, copy_in)
+
+    def _merge_rejected(
+        self, source: psycopg.Connection, target: psycopg.Connection, window: PostWindow
+    ) -> tuple[int, dict[str, int]]:
+        """Merge the window's rejected rows; return (rows rejected, new rejections by reason)."""
+        assert window.last_id is not None
+        params = range_params(window.read_after_id, window.last_id, self.require_owner)
+        staged = analytical.create_staging_table(target, analytical.posts_rejected)
+        copy_in = analytical.copy_in(staged, analytical.copied_columns(analytical.posts_rejected))
+        rejected = pipe_copy(source, COPY_REJECTED_POSTS, params, target, copy_in)
+        return rejected, analytical.merge_rejected(target, staged)
+
+    def open_stream_pair(
+        self, connections: ExitStack, snapshot: str
+    ) -> tuple[psycopg.Connection, psycopg.Connection]:
+        """A (source, target) pair for one parallel stream, each in its own transaction.
+
+        The source reads `snapshot` (the main source transaction's); the target's transaction
+        stays open until `_DirectCopy` commits it. Both close with `connections`.
+        """
+        target = connections.enter_context(self.analytical_db.connect())
+        source = connections.enter_context(self.source_db.connect())
+        prepare_source_reads(source)
+        source.autocommit = target.autocommit = False
+        source.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
+        return source, target
+
+
+class _DirectCopy:
+    """Copies id ranges straight into `posts` while the main pair loads the rest of the window.
+
+    One range is copied at once on the main pair, in the main transaction. Several are copied
+    each on its own connection pair, in its own thread and transaction, reading the main
+    source transaction's snapshot. Leaving the block without error waits for every stream,
+    then commits their transactions one after the other; the caller's main transaction,
+    which holds the advisory lock, commits after them. On an error every stream's query is
+    cancelled and its transaction rolled back (closing an uncommitted connection does it).
+    """
+
+    def __init__(
+        self,
+        loader: WindowLoader,
+        source: psycopg.Connection,
+        target: psycopg.Connection,
+        ranges: list[IdRange],
+    ) -> None:
+        self._loader = loader
+        self._source = source
+        self._target = target
+        self._ranges = ranges
+        self._connections = ExitStack()
+        self._pairs: list[tuple[psycopg.Connection, psycopg.Connection]] = []
+        self._copies: list[Future[int]] = []
+        self.rows = 0
+
+    def __enter__(self) -> "_DirectCopy":
+        if len(self._ranges) == 1:
+            self.rows = self._loader.copy_kept(self._source, self._target, self._ranges[0])
+        elif self._ranges:
+            snapshot = scalar(self._source, sa.select(sa.func.pg_export_snapshot()))
+            self._pairs = [
+                self._loader.open_stream_pair(self._connections, snapshot) for _ in self._ranges
+            ]
+            pool = self._connections.enter_context(
+                ThreadPoolExecutor(len(self._pairs), "so_pipeline-copy")
+            )
+            self._copies = [
+                pool.submit(self._loader.copy_kept, source, target, id_range)
+                for (source, target), id_range in zip(self._pairs, self._ranges, strict=True)
+            ]
+        return self
+
+    def __exit__(
+        self,
+        error_type: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        # Closing the stack waits for the threads, then closes every connection.
+        with self._connections:
+            committed = False
+            try:
+                if error_type is None and self._copies:
+                    wait(self._copies, return_when=FIRST_EXCEPTION)  # a failure, at once
+                    self.rows = sum(copy.result() for copy in self._copies)
+                    for _, target in self._pairs:
+                        target.commit()
+                committed = True
+            finally:
+                if not committed or error_type is not None:
+                    for connection in (c for pair in self._pairs for c in pair):
+                        connection.cancel_safe()
+
+
 def _lock_analytical_writes(target: psycopg.Connection) -> float:
     """Take the pipeline's advisory lock until commit; return the seconds spent waiting.
 
     A concurrent run waits here, then finds the window's rows present and adds nothing.
     """
-    acquired = target.execute("SELECT pg_try_advisory_xact_lock(%s)", [PIPELINE_LOCK_ID])
-    if acquired.fetchone()[0]:  # type: ignore[index]
+    if analytical.lock_writes(target):
         return 0.0
     started = time.monotonic()
-    target.execute("SELECT pg_advisory_xact_lock(%s)", [PIPELINE_LOCK_ID])
+    analytical.wait_for_lock(target)
     return time.monotonic() - started
-
-
-def _plan_ranges(
-    window: PostWindow, highest_loaded: int | None
-) -> tuple[IdRange | None, list[IdRange]]:
-    """(the range COPY can write straight into posts, the ranges to stage and merge)."""
-    assert window.last_id is not None
-    new_after = window.after_id
-    merged: list[IdRange] = []
-    if new_after is not None and window.read_after_id != new_after:
-        merged.append((window.read_after_id, new_after))  # the look-back
-    if new_after is not None and new_after >= window.last_id:
-        return None, merged
-    if highest_loaded is None or (new_after is not None and new_after >= highest_loaded):
-        # Every new id lies above every loaded one, so no conflict is possible: write once.
-        # (Another writer would have to bypass the advisory lock to break this; the unique
-        # violation would then fail the run, and its retry would take the merge path.)
-        return (new_after, window.last_id), merged
-    return None, [*merged, (new_after, window.last_id)]
-
-
-def _split(
-    source: psycopg.Connection, id_range: IdRange, rows: int, copy_streams: int
-) -> list[IdRange]:
-    """`id_range` cut into up to `copy_streams` ranges of about equal row counts."""
-    streams = max(1, min(copy_streams, rows // MIN_ROWS_PER_STREAM))
-    if streams == 1:
-        return [id_range]
-    after_id, last_id = id_range
-    cuts = split_id_range(source, after_id, last_id, streams, rows)
-    return list(zip([after_id, *cuts], [*cuts, last_id], strict=True))
-
-
-def _copy_kept(
-    source: psycopg.Connection,
-    target: psycopg.Connection,
-    id_range: IdRange,
-    table: str | sql.Identifier,
-    databases: _Databases,
-) -> int:
-    params = range_params(*id_range, databases.require_owner)
-    return pipe_copy(source, COPY_KEPT_POSTS, params, target, table, POST_COLUMNS)
-
-
-def _copy_direct(
-    parallel: ExitStack,
-    source: psycopg.Connection,
-    target: psycopg.Connection,
-    ranges: list[IdRange],
-    databases: _Databases,
-) -> Callable[[], int]:
-    """Start copying `ranges` straight into posts; return the wait for their row count.
-
-    One range is copied at once on the main connection pair. Several are copied each on its
-    own pair, in its own thread, while the main pair goes on with the rest of the window:
-    every pair reads the main source transaction's snapshot and writes in a transaction that
-    `parallel` commits when it closes without error (rolls back otherwise), before the main
-    transaction commits and releases the advisory lock.
-    """
-    if len(ranges) <= 1:
-        rows = sum(_copy_kept(source, target, id_range, "posts", databases) for id_range in ranges)
-        return lambda: rows
-    snapshot = source.execute("SELECT pg_export_snapshot()").fetchone()[0]  # type: ignore[index]
-    pairs = [_open_pair(parallel, databases, snapshot) for _ in ranges]
-    pool = parallel.enter_context(ThreadPoolExecutor(len(ranges), "so_pipeline-copy"))
-    parallel.push(_CancelOnError(pairs))  # exits first: a failure stops the other streams
-    copies = [
-        pool.submit(_copy_kept, pair_source, pair_target, id_range, "posts", databases)
-        for (pair_source, pair_target), id_range in zip(pairs, ranges, strict=True)
-    ]
-    return lambda: _sum_rows(copies)
-
-
-def _sum_rows(copies: list[Future[int]]) -> int:
-    """Rows written by all `copies`; the first failure is raised as soon as it happens."""
-    wait(copies, return_when=FIRST_EXCEPTION)
-    return sum(copy.result() for copy in copies)
-
-
-def _open_pair(
-    parallel: ExitStack, databases: _Databases, snapshot: str
-) -> tuple[psycopg.Connection, psycopg.Connection]:
-    target = parallel.enter_context(databases.analytical_db.connect())
-    source = parallel.enter_context(databases.source_db.connect())
-    _prepare_source(source)
-    parallel.enter_context(target.transaction())
-    parallel.enter_context(_snapshot_transaction(source, snapshot))
-    return source, target
-
-
-@contextmanager
-def _snapshot_transaction(source: psycopg.Connection, snapshot: str) -> Iterator[None]:
-    with source.transaction():
-        source.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
-        yield
-
-
-class _CancelOnError:
-    """Exit callback: on an error, cancel the queries of every parallel connection."""
-
-    def __init__(self, pairs: list[tuple[psycopg.Connection, psycopg.Connection]]) -> None:
-        self._connections = [connection for pair in pairs for connection in pair]
-
-    def __call__(
-        self,
-        error_type: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> bool:
-        if error_type is not None:
-            for connection in self._connections:
-                connection.cancel_safe()
-        return False
-
-
-def _load_rejected_posts(
-    source: psycopg.Connection,
-    target: psycopg.Connection,
-    window: PostWindow,
-    databases: _Databases,
-) -> tuple[int, dict[str, int]]:
-    """Merge the window's rejected rows; return (rows rejected, new rejections by reason)."""
-    assert window.last_id is not None
-    params = range_params(window.read_after_id, window.last_id, databases.require_owner)
-    staged = _create_staging_table(target, "posts_rejected")
-    rejected = pipe_copy(source, COPY_REJECTED_POSTS, params, target, staged, REJECTED_COLUMNS)
-    column_list = sql.SQL(", ").join(map(sql.Identifier, REJECTED_COLUMNS))
-    counts = target.execute(
-        sql.SQL(
-            "WITH inserted AS (INSERT INTO posts_rejected ({columns}) SELECT {columns} FROM "
-            "{staged} ON CONFLICT (id) DO NOTHING RETURNING reason) "
-            "SELECT reason, count(*) FROM inserted GROUP BY reason"
-        ).format(columns=column_list, staged=staged)
-    ).fetchall()
-    return rejected, dict(counts)  # type: ignore[arg-type]
-
-
-def _create_staging_table(target: psycopg.Connection, table: str) -> sql.Identifier:
-    """A temporary twin of `table`, dropped at commit."""
-    staged = sql.Identifier(f"{table}_incoming")
-    target.execute(
-        sql.SQL("CREATE TEMPORARY TABLE {} (LIKE {} INCLUDING DEFAULTS) ON COMMIT DROP").format(
-            staged, sql.Identifier(table)
-        )
-    )
-    return staged
-
-
-def _insert_missing(
-    target: psycopg.Connection, table: str, staged: sql.Identifier, columns: tuple[str, ...]
-) -> int:
-    column_list = sql.SQL(", ").join(map(sql.Identifier, columns))
-    cursor = target.execute(
-        sql.SQL(
-            "INSERT INTO {table} ({columns}) SELECT {columns} FROM {staged} "
-            "ON CONFLICT (id) DO NOTHING"
-        ).format(table=sql.Identifier(table), columns=column_list, staged=staged)
-    )
-    return cursor.rowcount

@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from psycopg import sql
 
 from so_pipeline.definitions import defs
-from so_pipeline.dump_loader import create_posts_table
+from so_pipeline.tooling.dump_loader import create_posts_table
 
 
 @dataclass
@@ -59,7 +59,7 @@ def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgr
         yield server
         server.drop_all()
         return
-    from so_pipeline.embedded import EmbeddedPostgres
+    from so_pipeline.tooling.embedded import EmbeddedPostgres
 
     embedded = EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "data", delete_on_exit=True)
     server = PostgresServer(sa.make_url(embedded.url("postgres")))

@@ -12,9 +12,8 @@ import dagster as dg
 import psycopg
 import pytest
 
+from so_pipeline.analytical_posts import ensure_tables
 from so_pipeline.definitions import defs
-from so_pipeline.resources import PostgresResource
-from so_pipeline.schema import ensure_analytical_tables
 from so_pipeline_tests.conftest import (
     BIN,
     REPO_ROOT,
@@ -124,8 +123,8 @@ def test_a_failing_copy_stream_rolls_back_every_stream_of_the_window(
 ) -> None:
     """A large window is copied by parallel streams; they commit together or not at all."""
     expected = generate_source_posts(databases.source_url, GENERATED_ROWS)
-    analytical_db = PostgresResource(resource_name="analytical_db", url=databases.analytical_url)
-    ensure_analytical_tables(analytical_db)
+    with psycopg.connect(databases.analytical_url, autocommit=True) as connection:
+        ensure_tables(connection)
     # The last post breaks a constraint at the end of the last stream, when the first stream
     # has finished writing its rows.
     with psycopg.connect(databases.analytical_url, autocommit=True) as connection:
@@ -159,9 +158,8 @@ def test_a_row_written_behind_the_pipelines_back_is_merged_by_the_retry(
     staged merge and keeps the intruder's row.
     """
     expected = generate_source_posts(databases.source_url, 20_000)
-    ensure_analytical_tables(
-        PostgresResource(resource_name="analytical_db", url=databases.analytical_url)
-    )
+    with psycopg.connect(databases.analytical_url, autocommit=True) as connection:
+        ensure_tables(connection)
     intruder_id = expected[len(expected) // 2]
     outcomes = []
     with psycopg.connect(databases.analytical_url) as intruder:

@@ -9,11 +9,11 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from so_pipeline.dump_loader import DumpError, DumpProgress, load_dump
 from so_pipeline.resources import PostgresResource
+from so_pipeline.tooling.dump_loader import DumpError, DumpProgress, load_dump
 from so_pipeline_tests.conftest import PipelineDatabases, run_job
 
-SAMPLE = Path(str(resources.files("so_pipeline") / "sample_data" / "cardano-posts.xml.gz"))
+SAMPLE = Path(str(resources.files("so_pipeline.tooling") / "sample_data" / "cardano-posts.xml.gz"))
 
 
 def _expected_from_xml() -> tuple[list[tuple], set[int]]:

@@ -16,8 +16,8 @@ from typing import IO
 import psycopg
 from psycopg import sql
 
-from so_pipeline.dump_archives import DumpError, open_dump
 from so_pipeline.resources import PostgresResource
+from so_pipeline.tooling.dump_archives import DumpError, open_dump
 
 # Dump attribute -> (column, PostgreSQL type). Values are passed to COPY as the dump's text.
 DUMP_COLUMNS: dict[str, tuple[str, str]] = {

@@ -1,7 +1,6 @@
 """`so-pipeline`: try the pipeline locally on an embedded PostgreSQL, or load a dump."""
 
 import argparse
-import itertools
 import os
 import shutil
 import signal
@@ -10,12 +9,6 @@ import sys
 from collections import Counter
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    import dagster as dg
-
-    from so_pipeline.dump_loader import DumpProgress
 
 SAMPLE_DUMP = "cardano-posts.xml.gz"
 DEFAULT_HOME = Path(".so_pipeline")
@@ -75,7 +68,7 @@ class _LocalSetup:
     """The embedded PostgreSQL with the source, analytical and Dagster databases, seeded."""
 
     def __init__(self, home: Path) -> None:
-        from so_pipeline.embedded import EmbeddedPostgres, local_environment
+        from so_pipeline.tooling.embedded import EmbeddedPostgres, local_environment
 
         print(f"Starting the embedded PostgreSQL in {home / 'pgdata'} ...")
         self.server = EmbeddedPostgres(home / "pgdata")
@@ -86,13 +79,13 @@ class _LocalSetup:
         os.environ.update(local_environment(self.server, dagster_home))
 
     def seed_source(self) -> None:
-        from so_pipeline.dump_loader import load_dump
         from so_pipeline.resources import PostgresResource
+        from so_pipeline.tooling.dump_loader import load_dump
 
         source = PostgresResource(
             resource_name="source_db", url=os.environ["SO_SOURCE_DATABASE_URL"]
         )
-        sample = resources.files("so_pipeline") / "sample_data" / SAMPLE_DUMP
+        sample = resources.files("so_pipeline.tooling") / "sample_data" / SAMPLE_DUMP
         with resources.as_file(sample) as path:
             result = load_dump(path, source)
         if result.rows_loaded:
@@ -104,30 +97,31 @@ class _LocalSetup:
     def run_until_caught_up(self, batch_size: int) -> int:
         import dagster as dg
 
-        from so_pipeline.definitions import defs
+        from so_pipeline.tooling.runs import materialization_metadata, runs_until_caught_up
 
-        job = defs.resolve_job_def("stackoverflow_posts_job")
         run_config = {
             "ops": {"source_posts_batch": {"config": {"batch_size": batch_size}}},
             "loggers": {"console": {"config": {"log_level": "WARNING"}}},
         }
         totals: Counter[str] = Counter()
+        cursor = None
         with dg.DagsterInstance.get() as instance:
-            for run_number in itertools.count(1):
-                result = job.execute_in_process(run_config=run_config, instance=instance)
-                if not _metadata(result, "source_posts_batch")["rows_in_window"]:
-                    break
-                metadata = _metadata(result, "filtered_posts")
+            for run_number, result in enumerate(runs_until_caught_up(instance, run_config), 1):
+                metadata = materialization_metadata(result, "filtered_posts")
                 totals.update(
                     {k: v for k, v in metadata.items() if k.startswith(("rows_", "rejected_"))}
                 )
+                cursor = metadata["last_processed_id"]
                 print(
                     f"run {run_number}: ids ({metadata.get('window_after_id', 'start')}, "
                     f"{metadata['window_last_id']}]  read {metadata['rows_read']}  "
                     f"loaded {metadata['rows_loaded']}  rejected {metadata['rows_rejected']}  "
-                    f"cursor -> {metadata['last_processed_id']}"
+                    f"cursor -> {cursor}"
                 )
-            cursor = _metadata(result, "filtered_posts").get("last_processed_id")
+            if cursor is None:
+                from so_pipeline.cursor import cursor_from_history
+
+                cursor = cursor_from_history(instance)
         rejected = ", ".join(
             f"{key.removeprefix('rejected_')} {count}"
             for key, count in sorted(totals.items())
@@ -162,7 +156,7 @@ def _print_status() -> int:
     import dagster as dg
 
     from so_pipeline.resources import PostgresResource
-    from so_pipeline.status import status_report
+    from so_pipeline.tooling.status import status_report
 
     source = PostgresResource(resource_name="source_db", url=os.environ["SO_SOURCE_DATABASE_URL"])
     analytical = PostgresResource(
@@ -173,18 +167,9 @@ def _print_status() -> int:
     return 0
 
 
-def _metadata(result: "dg.ExecuteInProcessResult", asset: str) -> dict[str, Any]:
-    (materialization,) = result.asset_materializations_for_node(asset)
-    return {key: value.value for key, value in materialization.metadata.items()}
-
-
-def _print_progress(progress: "DumpProgress") -> None:
-    print(f"  {progress.describe()}", flush=True)
-
-
 def _load_dump_command(path: Path, database_url: str | None) -> int:
-    from so_pipeline.dump_loader import DumpError, load_dump
     from so_pipeline.resources import PostgresResource
+    from so_pipeline.tooling.dump_loader import DumpError, load_dump
 
     if not database_url:
         print("load-dump: set SO_SOURCE_DATABASE_URL or pass --database-url", file=sys.stderr)

@@ -1,0 +1,237 @@
+"""The analytical `posts` and `posts_rejected` tables: definitions and every statement on them.
+
+Column lists, contracts, COPY and merge statements are all derived from the two table
+definitions below, so a new column is one edit here.
+"""
+
+import psycopg
+import sqlalchemy as sa
+from psycopg import sql
+from sqlalchemy.dialects import postgresql as pg
+
+from so_pipeline.core_sql import execute, scalar
+from so_pipeline.table_contract import (
+    SchemaMismatchError,
+    column_types,
+    contract_problems,
+    exact_types,
+)
+
+# Serialises the pipeline's writers on the analytical database (any runs, any processes).
+PIPELINE_LOCK_ID = 0x50_4F_53_54_53  # "POSTS"
+
+PREVIEW_ROWS = 5
+PREVIEW_BODY_CHARS = 80
+
+
+def post_fields() -> list[sa.Column]:
+    """The post's own fields, as every table of the family holds them (new objects per call).
+
+    The column types are the contract with downstream users.
+    """
+    return [
+        sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=False),
+        sa.Column("title", sa.Text),
+        sa.Column("body", sa.Text),
+        sa.Column("owner_user_id", sa.BigInteger),
+        sa.Column("creation_date", pg.TIMESTAMP(timezone=False)),
+    ]
+
+
+metadata = sa.MetaData()
+
+posts = sa.Table(
+    "posts",
+    metadata,
+    *post_fields(),
+    sa.Column("loaded_at", pg.TIMESTAMP(timezone=True), server_default=sa.func.now()),
+)
+
+# Every source row the rules turned away, with the reason, so nothing is dropped silently.
+_rejected_fields = post_fields()
+posts_rejected = sa.Table(
+    "posts_rejected",
+    metadata,
+    _rejected_fields[0],
+    sa.Column("reason", sa.Text, nullable=False),
+    *_rejected_fields[1:],
+    sa.Column("rejected_at", pg.TIMESTAMP(timezone=True), server_default=sa.func.now()),
+)
+
+TABLES = (posts, posts_rejected)
+
+
+def copied_columns(table: sa.Table) -> tuple[str, ...]:
+    """The columns the pipeline writes (the others are filled in by their defaults)."""
+    return tuple(column.name for column in table.columns if column.server_default is None)
+
+
+def _copied(table: sa.Table) -> list[sa.Column]:
+    return [table.c[name] for name in copied_columns(table)]
+
+
+# --- set-up and locking ----------------------------------------------------------------------
+
+
+def ensure_tables(connection: psycopg.Connection) -> None:
+    """Create missing tables; fail, before writing, on existing ones that do not fit."""
+    with connection.transaction():
+        execute(connection, sa.select(sa.func.pg_advisory_xact_lock(PIPELINE_LOCK_ID)))
+        for table in TABLES:
+            actual = column_types(connection, table.name)
+            problems = contract_problems(actual, exact_types(_copied(table))) if actual else []
+            if problems:
+                raise SchemaMismatchError(
+                    description=f"analytical_db: existing table {table.name} is incompatible: "
+                    f"{'; '.join(problems)}. Rename or migrate it; nothing was written.",
+                    allow_retries=False,
+                )
+        for table in TABLES:
+            execute(connection, sa.schema.CreateTable(table, if_not_exists=True))
+
+
+def lock_writes(connection: psycopg.Connection) -> bool:
+    """Try to take the pipeline's advisory lock until commit; False when another run holds it."""
+    return bool(scalar(connection, sa.select(sa.func.pg_try_advisory_xact_lock(PIPELINE_LOCK_ID))))
+
+
+def wait_for_lock(connection: psycopg.Connection) -> None:
+    execute(connection, sa.select(sa.func.pg_advisory_xact_lock(PIPELINE_LOCK_ID)))
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+def copy_in(table: sa.Table | str, columns: tuple[str, ...]) -> sql.Composed:
+    """`COPY table (columns) FROM STDIN` in binary format (`table` may be a staging table)."""
+    name = table if isinstance(table, str) else table.name
+    return sql.SQL("COPY {} ({}) FROM STDIN (FORMAT binary)").format(
+        sql.Identifier(name), sql.SQL(", ").join(map(sql.Identifier, columns))
+    )
+
+
+def create_staging_table(connection: psycopg.Connection, table: sa.Table) -> str:
+    """A temporary twin of `table`, dropped at commit, that COPY fills before a merge."""
+    staged = f"{table.name}_incoming"
+    connection.execute(
+        sql.SQL("CREATE TEMPORARY TABLE {} (LIKE {} INCLUDING DEFAULTS) ON COMMIT DROP").format(
+            sql.Identifier(staged), sql.Identifier(table.name)
+        )
+    )
+    return staged
+
+
+def _merge(table: sa.Table, staged: str) -> pg.Insert:
+    """Insert the staged rows whose ids `table` does not hold yet (idempotent)."""
+    columns = copied_columns(table)
+    source = sa.table(staged, *(sa.column(name) for name in columns))
+    return (
+        pg.insert(table)
+        .from_select(columns, sa.select(*source.c))
+        .on_conflict_do_nothing(index_elements=["id"])
+    )
+
+
+def merge_posts(connection: psycopg.Connection, staged: str) -> int:
+    """Rows of `staged` added to `posts`."""
+    return execute(connection, _merge(posts, staged)).rowcount
+
+
+def merge_rejected(connection: psycopg.Connection, staged: str) -> dict[str, int]:
+    """Add the staged rejected rows that are new; return their count by reason."""
+    inserted = _merge(posts_rejected, staged).returning(posts_rejected.c.reason).cte("inserted")
+    by_reason = sa.select(inserted.c.reason, sa.func.count()).group_by(inserted.c.reason)
+    return dict(execute(connection, by_reason).fetchall())
+
+
+# --- reading -----------------------------------------------------------------------------------
+
+
+def highest_loaded_id(connection: psycopg.Connection) -> int | None:
+    return scalar(connection, sa.select(sa.func.max(posts.c.id)))
+
+
+def highest_processed_id(connection: psycopg.Connection) -> int | None:
+    """The highest id in posts or posts_rejected (None when neither exists or both are empty)."""
+    highest = [
+        scalar(connection, sa.select(sa.func.max(table.c.id)))
+        for table in TABLES
+        if scalar(connection, sa.select(sa.func.to_regclass(table.name))) is not None
+    ]
+    present = [value for value in highest if value is not None]
+    return max(present) if present else None
+
+
+def count_posts(connection: psycopg.Connection) -> int:
+    return scalar(connection, sa.select(sa.func.count()).select_from(posts))
+
+
+def preview_rows(connection: psycopg.Connection, after_id: int | None, last_id: int) -> list[tuple]:
+    """The first posts of the window (bodies cut short), for the materialization's preview."""
+    fields = [posts.c[name] for name in copied_columns(posts)]
+    shown = [
+        sa.func.left(field, PREVIEW_BODY_CHARS).label("body") if field.name == "body" else field
+        for field in fields
+    ]
+    query = sa.select(*shown).where(posts.c.id <= last_id).order_by(posts.c.id).limit(PREVIEW_ROWS)
+    if after_id is not None:
+        query = query.where(posts.c.id > after_id)
+    return execute(connection, query).fetchall()
+
+
+def processed_ids() -> sa.Subquery:
+    """Every id the pipeline has processed: loaded or rejected."""
+    return sa.union_all(sa.select(posts.c.id), sa.select(posts_rejected.c.id)).subquery()
+
+
+def blank_bodies(connection: psycopg.Connection, non_whitespace: str) -> tuple[int, int | None]:
+    """(count, lowest id) of posts whose body is NULL, empty or only whitespace."""
+    body = posts.c.body
+    blank = sa.or_(
+        body.is_(None),
+        sa.and_(
+            sa.not_(sa.func.left(body, 1).regexp_match(non_whitespace)),
+            sa.not_(body.regexp_match(non_whitespace)),
+        ),
+    )
+    query = sa.select(sa.func.count(), sa.func.min(posts.c.id)).where(blank)
+    count, lowest = execute(connection, query).fetchone()  # type: ignore[misc]
+    return count, lowest
+
+
+def primary_key_columns(connection: psycopg.Connection) -> list[str] | None:
+    """The columns of `posts`' primary key (None when it has none)."""
+    index = sa.table(
+        "pg_index", sa.column("indrelid"), sa.column("indkey"), sa.column("indisprimary")
+    )
+    attribute = sa.table(
+        "pg_attribute", sa.column("attrelid"), sa.column("attnum"), sa.column("attname")
+    )
+    query = (
+        sa.select(sa.func.array_agg(sa.cast(attribute.c.attname, sa.Text)))
+        .select_from(
+            index.join(
+                attribute,
+                sa.and_(
+                    attribute.c.attrelid == index.c.indrelid,
+                    attribute.c.attnum == sa.any_(index.c.indkey),
+                ),
+            )
+        )
+        .where(index.c.indrelid == sa.func.to_regclass(posts.name), index.c.indisprimary)
+    )
+    return scalar(connection, query)
+
+
+def row_estimates(connection: psycopg.Connection) -> dict[str, int]:
+    """PostgreSQL's row estimate of each table of the family that exists (no scan)."""
+    pg_class = sa.table("pg_class", sa.column("oid"), sa.column("relname"), sa.column("reltuples"))
+    query = sa.select(pg_class.c.relname, sa.cast(pg_class.c.reltuples, sa.BigInteger)).where(
+        pg_class.c.oid.in_([sa.func.to_regclass(table.name) for table in TABLES])
+    )
+    return dict(execute(connection, query).fetchall())
+
+
+def count_rows(connection: psycopg.Connection, table_name: str) -> int:
+    table = metadata.tables[table_name]
+    return scalar(connection, sa.select(sa.func.count()).select_from(table))

@@ -1,0 +1,32 @@
+"""Shapes values for Dagster's materialization metadata."""
+
+import html
+from collections.abc import Sequence
+
+import dagster as dg
+import sqlalchemy as sa
+
+from so_pipeline.table_contract import type_name
+
+
+def numbers(values: dict[str, int | float | None]) -> dict[str, int | float]:
+    """Metadata keeps numbers as numbers (so the UI can plot them) and leaves out unknowns."""
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def column_schema(table: sa.Table) -> dg.TableSchema:
+    return dg.TableSchema(
+        columns=[dg.TableColumn(column.name, type_name(column)) for column in table.columns]
+    )
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> dg.MetadataValue:
+    """Rows as a Markdown table of literal text: HTML bodies are shown, not rendered."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(value) for value in row) + " |" for row in rows]
+    return dg.MetadataValue.md("\n".join(lines))
+
+
+def _cell(value: object) -> str:
+    text = "" if value is None else " ".join(str(value).split())
+    return html.escape(text).replace("|", "\\|")

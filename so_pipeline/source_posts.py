@@ -1,0 +1,132 @@
+"""The source `posts` table: its contract and every statement the pipeline runs on it.
+
+Rows leave the source as binary COPY data cast to exactly the analytical column types (binary
+COPY requires it), so the column lists below come from the analytical table definitions.
+"""
+
+import psycopg
+import sqlalchemy as sa
+from psycopg import sql
+
+from so_pipeline.analytical_posts import copied_columns, post_fields, posts, posts_rejected
+from so_pipeline.core_sql import execute, scalar
+from so_pipeline.post_rules import REJECT_REASON_SQL, rule_params
+from so_pipeline.table_contract import (
+    SchemaMismatchError,
+    column_types,
+    contract_problems,
+    family_types,
+    type_name,
+)
+
+SOURCE_TABLE = "posts"
+
+source_posts = sa.table(SOURCE_TABLE, sa.column("id", sa.BigInteger))
+_id = source_posts.c.id
+
+
+def check_source_table(connection: psycopg.Connection, location: str) -> None:
+    """Fail before any write when the source table cannot provide the posts fields."""
+    actual = column_types(connection, SOURCE_TABLE)
+    if not actual:
+        raise SchemaMismatchError(
+            description=f"source_db: table {SOURCE_TABLE} not found at {location}",
+            allow_retries=False,
+        )
+    problems = contract_problems(actual, family_types(post_fields()))
+    if problems:
+        raise SchemaMismatchError(
+            description=f"source_db: table {SOURCE_TABLE} cannot be read: {'; '.join(problems)}",
+            allow_retries=False,
+        )
+
+
+def _ids_after(after_id: int | None) -> sa.ColumnElement[bool]:
+    return sa.true() if after_id is None else _id > after_id
+
+
+def next_window_bounds(
+    connection: psycopg.Connection, after_id: int | None, batch_size: int
+) -> tuple[int, int | None, int | None]:
+    """(rows, first id, last id) of the next `batch_size` ids after `after_id`.
+
+    Keyset paging on the primary key: an index-only scan, however large the id gaps.
+    """
+    ids = sa.select(_id).where(_ids_after(after_id)).order_by(_id).limit(batch_size).subquery()
+    query = sa.select(sa.func.count(), sa.func.min(ids.c.id), sa.func.max(ids.c.id))
+    count, first_id, last_id = execute(connection, query).fetchone()  # type: ignore[misc]
+    return count, first_id, last_id
+
+
+def max_id(connection: psycopg.Connection) -> int | None:
+    return scalar(connection, sa.select(sa.func.max(_id)))
+
+
+def rows_after(connection: psycopg.Connection, cursor: int | None) -> int:
+    """Source posts above the cursor (a full index scan of them: for status, not for runs)."""
+    return scalar(connection, sa.select(sa.func.count()).where(_ids_after(cursor)))
+
+
+def split_id_range(
+    connection: psycopg.Connection, after_id: int | None, last_id: int, parts: int, rows: int
+) -> list[int]:
+    """Ids that cut the `rows` source ids in (after_id, last_id] into `parts` about equal parts.
+
+    Each cut is found after the previous one (keyset on the primary key), so the index is read
+    once whatever the number of parts. Fewer cuts come back when the range holds fewer rows
+    than expected; every part is non-empty and together they cover the range.
+    """
+    cuts: list[int] = []
+    previous = after_id
+    for _ in range(parts - 1):
+        query = (
+            sa.select(_id)
+            .where(_ids_after(previous), _id < last_id)
+            .order_by(_id)
+            .offset(rows // parts - 1)
+            .limit(1)
+        )
+        found = scalar(connection, query)
+        if found is None:
+            break
+        previous = found
+        cuts.append(found)
+    return cuts
+
+
+# Rows of the window with their reject `reason` (NULL when kept), each column cast to its
+# analytical type.
+_CLASSIFIED_WINDOW = sql.SQL(
+    """SELECT {fields}, {reason} AS reason FROM {table}
+    WHERE (%(after_id)s::bigint IS NULL OR id > %(after_id)s::bigint)
+      AND id <= %(last_id)s::bigint"""
+).format(
+    fields=sql.SQL(", ").join(
+        sql.SQL("{}::{} AS {}").format(
+            sql.Identifier(column.name),
+            sql.SQL(type_name(column)),
+            sql.Identifier(column.name),
+        )
+        for column in post_fields()
+    ),
+    reason=sql.SQL(REJECT_REASON_SQL),
+    table=sql.Identifier(SOURCE_TABLE),
+)
+
+
+def _copy_out(table: sa.Table, condition: str) -> sql.Composed:
+    return sql.SQL("COPY (SELECT {} FROM ({}) w WHERE {}) TO STDOUT (FORMAT binary)").format(
+        sql.SQL(", ").join(map(sql.Identifier, copied_columns(table))),
+        _CLASSIFIED_WINDOW,
+        sql.SQL(condition),
+    )
+
+
+# The kept rows of a window as `posts` rows, and the rejected ones as `posts_rejected` rows.
+COPY_KEPT_POSTS = _copy_out(posts, "reason IS NULL")
+COPY_REJECTED_POSTS = _copy_out(posts_rejected, "reason IS NOT NULL")
+
+
+def range_params(after_id: int | None, last_id: int, require_owner: bool) -> dict[str, object]:
+    """Parameters of COPY_KEPT_POSTS / COPY_REJECTED_POSTS for the ids in (after_id, last_id]."""
+    return {"after_id": after_id, "last_id": last_id, **rule_params(require_owner)}

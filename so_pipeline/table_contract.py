@@ -1,0 +1,73 @@
+"""Whether an existing table offers the columns a table definition needs, with usable types."""
+
+import dagster as dg
+import psycopg
+import sqlalchemy as sa
+
+from so_pipeline.core_sql import DIALECT, execute
+
+# Types that hold the same values for our purpose (information_schema spelling): a source
+# column of any type of its family can be read and cast to the analytical type.
+TYPE_FAMILIES = (
+    frozenset({"smallint", "integer", "bigint"}),
+    frozenset({"text", "character varying", "character"}),
+    frozenset({"timestamp without time zone", "timestamp with time zone"}),
+)
+# An existing analytical table may differ from its definition only this much.
+_INTERCHANGEABLE = {"text": frozenset({"text", "character varying"})}
+
+_columns = sa.table(
+    "columns",
+    sa.column("table_name"),
+    sa.column("table_schema"),
+    sa.column("column_name"),
+    sa.column("data_type"),
+    schema="information_schema",
+)
+
+
+class SchemaMismatchError(dg.Failure):
+    """A table lacks a required column or has one of the wrong type."""
+
+
+def type_name(column: sa.Column) -> str:
+    """The column's type as information_schema spells it (e.g. `timestamp without time zone`)."""
+    return column.type.compile(dialect=DIALECT).lower()
+
+
+def exact_types(columns: list[sa.Column]) -> dict[str, frozenset[str]]:
+    """Contract of a table we own: each column's own type (text may be varchar)."""
+    return {
+        column.name: _INTERCHANGEABLE.get(type_name(column), frozenset({type_name(column)}))
+        for column in columns
+    }
+
+
+def family_types(columns: list[sa.Column]) -> dict[str, frozenset[str]]:
+    """Contract of a table we read and cast: any type of each column's family."""
+    contract = {}
+    for column in columns:
+        name = type_name(column)
+        contract[column.name] = next((f for f in TYPE_FAMILIES if name in f), frozenset({name}))
+    return contract
+
+
+def column_types(connection: psycopg.Connection, table: str) -> dict[str, str]:
+    """Column name -> type of `table` on the search path; empty when it does not exist."""
+    query = sa.select(_columns.c.column_name, _columns.c.data_type).where(
+        _columns.c.table_name == table,
+        _columns.c.table_schema == sa.any_(sa.func.current_schemas(False)),
+    )
+    return dict(execute(connection, query).fetchall())
+
+
+def contract_problems(actual: dict[str, str], contract: dict[str, frozenset[str]]) -> list[str]:
+    """What keeps columns `actual` (name -> type) from meeting `contract`; empty when it does."""
+    problems = []
+    for column, allowed in contract.items():
+        found = actual.get(column)
+        if found is None:
+            problems.append(f"column {column} is missing")
+        elif found not in allowed:
+            problems.append(f"column {column} is {found}, expected {' or '.join(sorted(allowed))}")
+    return problems

@@ -1,0 +1,1 @@
+"""Local tooling: the demo, the UI launcher, status and dump loading (not loaded by Dagster)."""

@@ -1,0 +1,129 @@
+"""The id window one run processes, and how its ids are split between load paths."""
+
+from dataclasses import dataclass
+from typing import Any
+
+from so_pipeline.metadata import numbers
+
+# The key under which filtered_posts' materializations record the cursor.
+CURSOR_METADATA_KEY = "last_processed_id"
+
+IdRange = tuple[int | None, int]  # (after_id, last_id]: ids after the first, up to the last
+
+
+def ids_behind(source_max_id: int | None, cursor: int | None) -> int:
+    """How far the source's highest id is beyond `cursor` (None: nothing processed yet)."""
+    if source_max_id is None:
+        return 0
+    return source_max_id - (cursor if cursor is not None else 0)
+
+
+@dataclass(frozen=True)
+class PostWindow:
+    """Source ids `read_after_id < id <= last_id`: what one run reads.
+
+    Ids above `after_id` (the cursor, or a replay's start) are new; those in
+    `(read_after_id, after_id]` are the look-back, re-read in case a late row committed there
+    after the previous run. Only these bounds pass between the assets, with `new_rows` (the
+    count of new ids, which sizes the parallel COPY streams) and the source's highest id:
+    `filtered_posts` streams the rows itself, so no window is ever held in memory. None means
+    "from the start".
+    """
+
+    read_after_id: int | None
+    after_id: int | None
+    last_id: int | None
+    cursor_before: int | None
+    new_rows: int
+    source_max_id: int | None
+    cursor_origin: str
+    first_new_id: int | None = None
+
+    @property
+    def is_empty(self) -> bool:
+        return self.last_id is None or self.last_id == self.read_after_id
+
+    @property
+    def ids_behind_source(self) -> int:
+        """How far the source's highest id is beyond this window (the backlog)."""
+        if self.last_id is None:
+            return 0
+        return ids_behind(self.source_max_id, self.last_id)
+
+    @property
+    def cursor_after(self) -> int | None:
+        """The cursor once this window is loaded: a replay of an older range never moves it back."""
+        return max((i for i in (self.cursor_before, self.last_id) if i is not None), default=None)
+
+    def describe(self) -> str:
+        start = "start" if self.read_after_id is None else str(self.read_after_id)
+        return f"ids ({start}, {self.last_id}]"
+
+    def metadata(self) -> dict[str, Any]:
+        """What `source_posts_batch` records about the window."""
+        return {
+            "cursor_origin": self.cursor_origin,
+            **numbers(
+                {
+                    "cursor_before": self.cursor_before,
+                    "window_after_id": self.after_id,
+                    "lookback_after_id": self.read_after_id,
+                    "window_first_id": self.first_new_id,
+                    "window_last_id": self.last_id,
+                    "rows_in_window": self.new_rows,
+                    "dagster/row_count": self.new_rows,
+                    "source_max_id": self.source_max_id,
+                    "ids_behind_source": self.ids_behind_source,
+                }
+            ),
+        }
+
+    def cursor_metadata(self) -> dict[str, int]:
+        """What `filtered_posts` records about the window: the cursor before and after."""
+        return numbers(
+            {
+                CURSOR_METADATA_KEY: self.cursor_after,
+                "cursor_before": self.cursor_before,
+                "window_after_id": self.after_id,
+                "window_last_id": self.last_id,
+            }
+        )  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """Which ids COPY may write straight into `posts`, and which must be staged and merged."""
+
+    direct: IdRange | None
+    merged: list[IdRange]
+
+
+def plan_load(window: PostWindow, highest_loaded: int | None) -> LoadPlan:
+    """Send the window's new ids straight to `posts` when every one lies above every loaded id.
+
+    Then no conflict is possible and COPY writes once. (Another writer would have to bypass
+    the advisory lock to break this; the unique violation would then fail the run, and its
+    retry would take the merge path.) The look-back, replays of loaded ranges and windows
+    below loaded ids are merged.
+    """
+    assert window.last_id is not None
+    new_after = window.after_id
+    merged: list[IdRange] = []
+    if new_after is not None and window.read_after_id != new_after:
+        merged.append((window.read_after_id, new_after))  # the look-back
+    if new_after is not None and new_after >= window.last_id:
+        return LoadPlan(None, merged)
+    if highest_loaded is None or (new_after is not None and new_after >= highest_loaded):
+        return LoadPlan((new_after, window.last_id), merged)
+    return LoadPlan(None, [*merged, (new_after, window.last_id)])
+
+
+def stream_count(rows: int, most_streams: int, min_rows_per_stream: int) -> int:
+    """How many parallel COPY streams `rows` new rows get: each carries enough to pay off."""
+    return max(1, min(most_streams, rows // min_rows_per_stream))
+
+
+def cut_ranges(id_range: IdRange, cuts: list[int]) -> list[IdRange]:
+    """`id_range` cut at the ids `cuts` (ascending, inside the range) into adjacent ranges."""
+    after_id, last_id = id_range
+    return list(zip([after_id, *cuts], [*cuts, last_id], strict=True))
