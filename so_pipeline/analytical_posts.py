@@ -11,10 +11,13 @@ from sqlalchemy.dialects import postgresql as pg
 
 from so_pipeline.core_sql import execute, scalar
 from so_pipeline.table_contract import (
+    PG_ATTRIBUTE,
+    PG_INDEX,
     SchemaMismatchError,
     column_types,
     contract_problems,
     exact_types,
+    id_is_unique_key,
 )
 
 # Serialises the pipeline's writers on the analytical database (any runs, any processes).
@@ -80,6 +83,8 @@ def ensure_tables(connection: psycopg.Connection) -> None:
         for table in TABLES:
             actual = column_types(connection, table.name)
             problems = contract_problems(actual, exact_types(_copied(table))) if actual else []
+            if actual and not id_is_unique_key(connection, table.name):
+                problems.append("id is not its primary key (nor a unique, NOT NULL column)")
             if problems:
                 raise SchemaMismatchError(
                     description=f"analytical_db: existing table {table.name} is incompatible: "
@@ -201,12 +206,7 @@ def blank_bodies(connection: psycopg.Connection, non_whitespace: str) -> tuple[i
 
 def primary_key_columns(connection: psycopg.Connection) -> list[str] | None:
     """The columns of `posts`' primary key (None when it has none)."""
-    index = sa.table(
-        "pg_index", sa.column("indrelid"), sa.column("indkey"), sa.column("indisprimary")
-    )
-    attribute = sa.table(
-        "pg_attribute", sa.column("attrelid"), sa.column("attnum"), sa.column("attname")
-    )
+    index, attribute = PG_INDEX, PG_ATTRIBUTE
     query = (
         sa.select(sa.func.array_agg(sa.cast(attribute.c.attname, sa.Text)))
         .select_from(

@@ -13,7 +13,7 @@ from so_pipeline import source_posts as source
 from so_pipeline.cursor import current_cursor, latest_metadata
 from so_pipeline.metadata import column_schema, markdown_table
 from so_pipeline.resources import PostgresResource
-from so_pipeline.window import PostWindow
+from so_pipeline.window import REPLAY_ORIGIN, PostWindow
 from so_pipeline.window_checks import (
     BacklogLimits,
     check_backlog,
@@ -97,7 +97,7 @@ def source_posts_batch(
         read_after_id = None if cursor is None else cursor - config.lookback_ids
     else:
         after_id = read_after_id = config.start_after_id
-        cursor_origin = "start_after_id (replay)"
+        cursor_origin = REPLAY_ORIGIN
     with source_db.connect() as connection:
         source.check_source_table(connection, source_db.location)
         new_rows, first_id, last_new_id = source.next_window_bounds(
@@ -122,6 +122,8 @@ def source_posts_batch(
         cursor_origin,
         highest_source_id,
     )
+    if window.replay_note():
+        context.log.warning("Replay: %s", window.replay_note())
     return dg.Output(window, metadata=window.metadata())
 
 

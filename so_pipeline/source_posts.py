@@ -16,6 +16,7 @@ from so_pipeline.table_contract import (
     column_types,
     contract_problems,
     family_types,
+    id_is_unique_key,
     type_name,
 )
 
@@ -39,6 +40,29 @@ def check_source_table(connection: psycopg.Connection, location: str) -> None:
             description=f"source_db: table {SOURCE_TABLE} cannot be read: {'; '.join(problems)}",
             allow_retries=False,
         )
+    if not id_is_unique_key(connection, SOURCE_TABLE):
+        raise SchemaMismatchError(
+            description=f"source_db: table {SOURCE_TABLE} at {location} does not guarantee "
+            "unique, non-NULL ids (no primary key, nor a unique index on a NOT NULL id): "
+            f"{describe_id_violations(connection)}. The cursor needs one row per id. Fix: "
+            f"remove those rows, then ALTER TABLE {SOURCE_TABLE} ADD PRIMARY KEY (id). "
+            "Nothing was written.",
+            allow_retries=False,
+        )
+
+
+def describe_id_violations(connection: psycopg.Connection, shown: int = 10) -> str:
+    """The duplicate and NULL ids of the source table, as a user would want them named."""
+    duplicates = sa.select(_id).group_by(_id).having(sa.func.count() > 1).order_by(_id)
+    duplicate_ids = [row[0] for row in execute(connection, duplicates.limit(shown + 1))]
+    null_ids = scalar(connection, sa.select(sa.func.count()).where(_id.is_(None)))
+    found = []
+    if duplicate_ids:
+        listed = ", ".join(map(str, duplicate_ids[:shown]))
+        found.append(f"duplicate ids {listed}{', ...' if len(duplicate_ids) > shown else ''}")
+    if null_ids:
+        found.append(f"{null_ids} row(s) with a NULL id")
+    return "; ".join(found) if found else "no duplicate or NULL id yet"
 
 
 def _ids_after(after_id: int | None) -> sa.ColumnElement[bool]:

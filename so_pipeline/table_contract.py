@@ -3,8 +3,9 @@
 import dagster as dg
 import psycopg
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql as pg
 
-from so_pipeline.core_sql import DIALECT, execute
+from so_pipeline.core_sql import DIALECT, execute, scalar
 
 # Types that hold the same values for our purpose (information_schema spelling): a source
 # column of any type of its family can be read and cast to the analytical type.
@@ -23,6 +24,25 @@ _columns = sa.table(
     sa.column("column_name"),
     sa.column("data_type"),
     schema="information_schema",
+)
+
+
+# The catalog tables that tell which columns an index covers.
+PG_INDEX = sa.table(
+    "pg_index",
+    sa.column("indrelid"),
+    sa.column("indkey", pg.ARRAY(sa.SmallInteger)),
+    sa.column("indisunique"),
+    sa.column("indisprimary"),
+    sa.column("indnkeyatts"),
+    sa.column("indpred"),
+)
+PG_ATTRIBUTE = sa.table(
+    "pg_attribute",
+    sa.column("attrelid"),
+    sa.column("attnum"),
+    sa.column("attname"),
+    sa.column("attnotnull"),
 )
 
 
@@ -71,3 +91,33 @@ def contract_problems(actual: dict[str, str], contract: dict[str, frozenset[str]
         elif found not in allowed:
             problems.append(f"column {column} is {found}, expected {' or '.join(sorted(allowed))}")
     return problems
+
+
+def id_is_unique_key(connection: psycopg.Connection, table: str) -> bool:
+    """Whether `table`'s `id` is NOT NULL and alone in a unique, non-partial index.
+
+    (A primary key on `id` is one.) The cursor, and ON CONFLICT (id), need one row per id.
+    """
+    index, attribute = PG_INDEX, PG_ATTRIBUTE
+    table_oid = sa.func.to_regclass(table)
+    keyed = (
+        sa.select(sa.func.count())
+        .select_from(
+            index.join(
+                attribute,
+                sa.and_(
+                    attribute.c.attrelid == index.c.indrelid,
+                    attribute.c.attnum == index.c.indkey[0],
+                ),
+            )
+        )
+        .where(
+            index.c.indrelid == table_oid,
+            index.c.indisunique,
+            index.c.indnkeyatts == 1,
+            index.c.indpred.is_(None),
+            attribute.c.attname == "id",
+            attribute.c.attnotnull,
+        )
+    )
+    return bool(scalar(connection, keyed))

@@ -5,6 +5,9 @@ from typing import Any
 
 from so_pipeline.metadata import numbers
 
+# cursor_origin of a window that replays from start_after_id.
+REPLAY_ORIGIN = "start_after_id (replay)"
+
 # The key under which filtered_posts' materializations record the cursor.
 CURSOR_METADATA_KEY = "last_processed_id"
 
@@ -44,25 +47,49 @@ class PostWindow:
         return self.last_id is None or self.last_id == self.read_after_id
 
     @property
-    def ids_behind_source(self) -> int:
-        """How far the source's highest id is beyond this window (the backlog)."""
-        if self.last_id is None:
-            return 0
-        return ids_behind(self.source_max_id, self.last_id)
+    def cursor_after(self) -> int | None:
+        """The cursor once this window is loaded.
+
+        It moves only to an id this window examined: a window that found no new id (caught
+        up, or a replay that starts beyond the source's end) leaves it where it was, and a
+        replay of an older range never moves it back.
+        """
+        if not self.new_rows:
+            return self.cursor_before
+        return max((i for i in (self.cursor_before, self.last_id) if i is not None), default=None)
 
     @property
-    def cursor_after(self) -> int | None:
-        """The cursor once this window is loaded: a replay of an older range never moves it back."""
-        return max((i for i in (self.cursor_before, self.last_id) if i is not None), default=None)
+    def ids_behind_source(self) -> int:
+        """How far the source's highest id is beyond the cursor after this window (the backlog)."""
+        return max(0, ids_behind(self.source_max_id, self.cursor_after))
+
+    @property
+    def starts_beyond_source(self) -> bool:
+        """A replay asked to start after the source's highest id: there was nothing to read."""
+        return (
+            self.after_id is not None
+            and self.cursor_origin == REPLAY_ORIGIN
+            and (self.source_max_id is None or self.after_id >= self.source_max_id)
+        )
 
     def describe(self) -> str:
         start = "start" if self.read_after_id is None else str(self.read_after_id)
         return f"ids ({start}, {self.last_id}]"
 
+    def replay_note(self) -> str | None:
+        if not self.starts_beyond_source:
+            return None
+        return (
+            f"start_after_id {self.after_id} is not below the source's highest id "
+            f"({self.source_max_id}): nothing was read and the cursor stays at {self.cursor_before}"
+        )
+
     def metadata(self) -> dict[str, Any]:
         """What `source_posts_batch` records about the window."""
+        note = self.replay_note()
         return {
             "cursor_origin": self.cursor_origin,
+            **({"replay_note": note} if note else {}),
             **numbers(
                 {
                     "cursor_before": self.cursor_before,

@@ -45,7 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     home: Path = args.home.resolve()
     if args.command == "status" and "SO_SOURCE_DATABASE_URL" in os.environ:
         return _print_status()
-    local = _LocalSetup(home)
+    try:
+        local = _LocalSetup(home)
+    except ImportError as error:
+        print(f"so-pipeline {args.command}: {error}", file=sys.stderr)
+        return 2
     try:
         if args.command == "status":
             return _print_status()

