@@ -8,9 +8,9 @@ import sqlalchemy as sa
 
 from so_pipeline.analytical_posts import blank_bodies, processed_ids
 from so_pipeline.assets import filtered_posts
-from so_pipeline.core_sql import execute
+from so_pipeline.core_sql import execute, server_encoding
 from so_pipeline.cursor import cursor_from_history
-from so_pipeline.post_rules import NON_WHITESPACE_REGEX
+from so_pipeline.post_rules import non_whitespace_regex
 from so_pipeline.resources import PostgresResource
 from so_pipeline.source_posts import source_posts
 
@@ -87,7 +87,8 @@ def reconciled_with_source(
 )
 def loaded_bodies_are_not_blank(analytical_db: PostgresResource) -> dg.AssetCheckResult:
     with analytical_db.connect() as connection:
-        blank, first_blank_id = blank_bodies(connection, NON_WHITESPACE_REGEX)
+        regex = non_whitespace_regex(server_encoding(connection))
+        blank, first_blank_id = blank_bodies(connection, regex)
     return dg.AssetCheckResult(
         passed=blank == 0,
         metadata={"blank_bodies": blank}

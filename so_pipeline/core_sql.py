@@ -29,3 +29,8 @@ def scalar(connection: psycopg.Connection, statement: sa.Executable) -> Any:
     """The first column of the first row (None when there is no row)."""
     row = execute(connection, statement).fetchone()
     return None if row is None else row[0]
+
+
+def server_encoding(connection: psycopg.Connection) -> str:
+    """The database's encoding (UTF8, WIN1252, ...), as the server announced it."""
+    return connection.info.parameter_status("server_encoding") or "UTF8"

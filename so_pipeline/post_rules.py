@@ -5,6 +5,7 @@ stream, with no per-row Python. "Whitespace" is Python's `str.isspace()` set (Un
 plus the ASCII separators U+001C..U+001F); a test checks the two definitions agree.
 """
 
+import codecs
 from enum import StrEnum
 
 # Inclusive code point ranges of the characters `str.isspace()` accepts.
@@ -50,6 +51,60 @@ REJECT_REASON_SQL = """CASE
 END"""
 
 
-def rule_params(require_owner: bool) -> dict[str, object]:
+class UnsupportedEncodingError(ValueError):
+    """A database encoding in which the whitespace rule cannot be applied to characters."""
+
+
+def python_codec(server_encoding: str) -> str:
+    """Python's codec for a PostgreSQL server encoding (e.g. WIN1252 -> cp1252)."""
+    name = server_encoding.upper()
+    if name in ("UTF8", "UTF-8"):
+        return "utf-8"
+    if name == "SQL_ASCII":
+        raise UnsupportedEncodingError(
+            "the database encoding is SQL_ASCII, which stores bytes without saying which "
+            "characters they are, so whitespace cannot be told apart; use a database in "
+            "UTF8 (or another real encoding)"
+        )
+    candidates = [name, name.replace("WIN", "cp", 1), name.replace("KOI8", "koi8_", 1)]
+    for candidate in candidates:
+        try:
+            return codecs.lookup(candidate).name
+        except LookupError:
+            continue
+    raise UnsupportedEncodingError(
+        f"the database encoding {server_encoding} has no Python codec to check the whitespace "
+        "rule against; use a database in UTF8"
+    )
+
+
+def non_whitespace_regex(server_encoding: str = "UTF8") -> str:
+    """NON_WHITESPACE_REGEX as a database in `server_encoding` must be given it.
+
+    PostgreSQL reads a regex escape such as \\u0085 as a code in the database's own encoding
+    (in WIN1252, byte 0x85 is "…"), so outside UTF8 the class lists the whitespace characters
+    themselves, those the encoding has: the client sends them in UTF8 and the server converts
+    each to its own code.
+    """
+    codec = python_codec(server_encoding)
+    if codec == "utf-8":
+        return NON_WHITESPACE_REGEX
+    characters = []
+    for low, high in WHITESPACE_RANGES:
+        for code in range(low, high + 1):
+            try:
+                chr(code).encode(codec)
+            except UnicodeEncodeError:
+                continue
+            characters.append(chr(code))
+    return "[^" + "".join(characters) + "]"
+
+
+def rule_params(require_owner: bool, server_encoding: str = "UTF8") -> dict[str, object]:
+    """The bound parameters of REJECT_REASON_SQL, for a source database in `server_encoding`."""
     reasons: dict[str, object] = {reason.value: reason.value for reason in RejectReason}
-    return {**reasons, "non_whitespace": NON_WHITESPACE_REGEX, "require_owner": require_owner}
+    return {
+        **reasons,
+        "non_whitespace": non_whitespace_regex(server_encoding),
+        "require_owner": require_owner,
+    }

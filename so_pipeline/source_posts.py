@@ -9,8 +9,12 @@ import sqlalchemy as sa
 from psycopg import sql
 
 from so_pipeline.analytical_posts import copied_columns, post_fields, posts, posts_rejected
-from so_pipeline.core_sql import execute, scalar
-from so_pipeline.post_rules import REJECT_REASON_SQL, rule_params
+from so_pipeline.core_sql import execute, scalar, server_encoding
+from so_pipeline.post_rules import (
+    REJECT_REASON_SQL,
+    UnsupportedEncodingError,
+    python_codec,
+)
 from so_pipeline.table_contract import (
     SchemaMismatchError,
     column_types,
@@ -28,6 +32,13 @@ _id = source_posts.c.id
 
 def check_source_table(connection: psycopg.Connection, location: str) -> None:
     """Fail before any write when the source table cannot provide the posts fields."""
+    try:
+        python_codec(server_encoding(connection))
+    except UnsupportedEncodingError as error:
+        raise SchemaMismatchError(
+            description=f"source_db: cannot apply the rules at {location}: {error}",
+            allow_retries=False,
+        ) from None
     actual = column_types(connection, SOURCE_TABLE)
     if not actual:
         raise SchemaMismatchError(
@@ -151,6 +162,9 @@ COPY_KEPT_POSTS = _copy_out(posts, "reason IS NULL")
 COPY_REJECTED_POSTS = _copy_out(posts_rejected, "reason IS NOT NULL")
 
 
-def range_params(after_id: int | None, last_id: int, require_owner: bool) -> dict[str, object]:
-    """Parameters of COPY_KEPT_POSTS / COPY_REJECTED_POSTS for the ids in (after_id, last_id]."""
-    return {"after_id": after_id, "last_id": last_id, **rule_params(require_owner)}
+def range_params(after_id: int | None, last_id: int, rules: dict[str, object]) -> dict[str, object]:
+    """Parameters of COPY_KEPT_POSTS / COPY_REJECTED_POSTS for the ids in (after_id, last_id].
+
+    `rules` are the rules' own parameters (`post_rules.rule_params`).
+    """
+    return {"after_id": after_id, "last_id": last_id, **rules}

@@ -21,9 +21,9 @@ from psycopg import sql
 
 from so_pipeline import analytical_posts as analytical
 from so_pipeline.copy_pipe import pipe_copy
-from so_pipeline.core_sql import scalar
+from so_pipeline.core_sql import scalar, server_encoding
 from so_pipeline.metadata import numbers
-from so_pipeline.post_rules import RejectReason
+from so_pipeline.post_rules import RejectReason, rule_params
 from so_pipeline.resources import PostgresResource
 from so_pipeline.source_posts import (
     COPY_KEPT_POSTS,
@@ -122,6 +122,7 @@ class WindowLoader:
         self.analytical_db = analytical_db
         self.require_owner = require_owner
         self.copy_streams = copy_streams
+        self._rules = rule_params(require_owner)  # set again for the source's encoding
 
     def load(self, window: PostWindow) -> WindowLoad:
         """Copy the window's kept posts into `posts` and its rejected ones into `posts_rejected`.
@@ -133,6 +134,7 @@ class WindowLoader:
         """
         assert window.last_id is not None
         with self.analytical_db.connect() as target, self.source_db.connect() as source:
+            self._rules = rule_params(self.require_owner, server_encoding(source))
             prepare_source_reads(source)
             with target.transaction(), source.transaction():
                 lock_wait = _lock_analytical_writes(target)
@@ -176,7 +178,7 @@ class WindowLoader:
         staged: str | None = None,
     ) -> int:
         """Copy the kept posts of `id_range` into `posts`, or into the staging table `staged`."""
-        params = range_params(*id_range, self.require_owner)
+        params = range_params(*id_range, self._rules)
         copy_in = (
             _COPY_INTO_POSTS
             if staged is None
@@ -189,7 +191,7 @@ class WindowLoader:
     ) -> tuple[int, dict[str, int]]:
         """Merge the window's rejected rows; return (rows rejected, new rejections by reason)."""
         assert window.last_id is not None
-        params = range_params(window.read_after_id, window.last_id, self.require_owner)
+        params = range_params(window.read_after_id, window.last_id, self._rules)
         staged = analytical.create_staging_table(target, analytical.posts_rejected)
         copy_in = analytical.copy_in(staged, analytical.copied_columns(analytical.posts_rejected))
         rejected = pipe_copy(source, COPY_REJECTED_POSTS, params, target, copy_in)
