@@ -36,7 +36,12 @@ def main(argv: list[str] | None = None) -> int:
         "load-dump", help="load a Posts.xml (.xml, .gz or .7z) into the source database"
     )
     load.add_argument("path", type=Path)
-    load.add_argument("--database-url", default=os.environ.get("SO_SOURCE_DATABASE_URL"))
+    load.add_argument(
+        "--database-url",
+        default=os.environ.get("SO_SOURCE_DATABASE_URL"),
+        help="source database (default: $SO_SOURCE_DATABASE_URL). Leave the password out of it "
+        "(every local user sees command lines): libpq reads PGPASSWORD or ~/.pgpass",
+    )
     args = parser.parse_args(argv)
     if args.command == "load-dump":
         return _load_dump_command(args.path, args.database_url)
@@ -171,6 +176,15 @@ def _print_status() -> int:
     return 0
 
 
+def _has_password(url: str) -> bool:
+    from so_pipeline.resources import DatabaseConfigError, parse_url
+
+    try:
+        return bool(parse_url(url, "source_db").password)
+    except DatabaseConfigError:  # reported when the URL is used
+        return False
+
+
 def _load_dump_command(path: Path, database_url: str | None) -> int:
     from so_pipeline.resources import PostgresResource
     from so_pipeline.tooling.dump_loader import DumpError, load_dump
@@ -178,6 +192,13 @@ def _load_dump_command(path: Path, database_url: str | None) -> int:
     if not database_url:
         print("load-dump: set SO_SOURCE_DATABASE_URL or pass --database-url", file=sys.stderr)
         return 2
+    if database_url != os.environ.get("SO_SOURCE_DATABASE_URL") and _has_password(database_url):
+        print(
+            "load-dump: warning: the password in --database-url is visible to every local user "
+            "(ps); put the URL in SO_SOURCE_DATABASE_URL, or leave the password out and use "
+            "PGPASSWORD or ~/.pgpass",
+            file=sys.stderr,
+        )
     source = PostgresResource(resource_name="source_db", url=database_url)
     try:
         result = load_dump(

