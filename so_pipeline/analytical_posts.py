@@ -63,6 +63,34 @@ posts_rejected = sa.Table(
 
 TABLES = (posts, posts_rejected)
 
+# The exact row count of each table, kept in the same transactions as the writes: the loads
+# add what they inserted, and statement triggers subtract deletions made by hand (a TRUNCATE
+# sets 0). Counting 55M rows on every tick would take seconds.
+row_counts = sa.Table(
+    "so_pipeline_row_counts",
+    metadata,
+    sa.Column("table_name", sa.Text, primary_key=True),
+    sa.Column("row_count", sa.BigInteger, nullable=False),
+)
+
+_COUNT_TRIGGER_FUNCTION = """CREATE OR REPLACE FUNCTION so_pipeline_count_removed_rows()
+RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'TRUNCATE' THEN
+        UPDATE so_pipeline_row_counts SET row_count = 0 WHERE table_name = TG_TABLE_NAME;
+    ELSE
+        UPDATE so_pipeline_row_counts SET row_count = row_count - (SELECT count(*) FROM removed)
+        WHERE table_name = TG_TABLE_NAME;
+    END IF;
+    RETURN NULL;
+END $$"""
+_COUNT_TRIGGERS = {
+    "so_pipeline_count_deleted": "AFTER DELETE ON {table} REFERENCING OLD TABLE AS removed "
+    "FOR EACH STATEMENT EXECUTE FUNCTION so_pipeline_count_removed_rows()",
+    "so_pipeline_count_truncated": "AFTER TRUNCATE ON {table} "
+    "FOR EACH STATEMENT EXECUTE FUNCTION so_pipeline_count_removed_rows()",
+}
+
 
 def copied_columns(table: sa.Table) -> tuple[str, ...]:
     """The columns the pipeline writes (the others are filled in by their defaults)."""
@@ -91,8 +119,54 @@ def ensure_tables(connection: psycopg.Connection) -> None:
                     f"{'; '.join(problems)}. Rename or migrate it; nothing was written.",
                     allow_retries=False,
                 )
-        for table in TABLES:
+        for table in metadata.sorted_tables:
             execute(connection, sa.schema.CreateTable(table, if_not_exists=True))
+        _keep_row_count(connection, posts)
+
+
+def _keep_row_count(connection: psycopg.Connection, table: sa.Table) -> None:
+    """Install the row counter of `table` unless it is there (counting the table once)."""
+    trigger = sa.table("pg_trigger", sa.column("tgrelid"), sa.column("tgname"))
+    installed = scalar(
+        connection,
+        sa.select(sa.func.count()).where(
+            trigger.c.tgrelid == sa.func.to_regclass(table.name),
+            trigger.c.tgname.in_(list(_COUNT_TRIGGERS)),
+        ),
+    )
+    if installed == len(_COUNT_TRIGGERS):
+        return
+    connection.execute(_COUNT_TRIGGER_FUNCTION)
+    for name, definition in _COUNT_TRIGGERS.items():
+        connection.execute(
+            sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
+                sql.Identifier(name), sql.Identifier(table.name)
+            )
+        )
+        connection.execute(
+            sql.SQL("CREATE TRIGGER {} " + definition).format(
+                sql.Identifier(name), table=sql.Identifier(table.name)
+            )
+        )
+    count = sa.select(sa.literal(table.name), sa.func.count()).select_from(table)
+    seed = pg.insert(row_counts).from_select(["table_name", "row_count"], count)
+    execute(
+        connection,
+        seed.on_conflict_do_update(
+            index_elements=["table_name"], set_={"row_count": seed.excluded.row_count}
+        ),
+    )
+
+
+def add_to_row_count(connection: psycopg.Connection, rows: int, table: sa.Table = posts) -> int:
+    """Add `rows` inserted into `table` to its count, in the caller's transaction; return it."""
+    update = (
+        sa.update(row_counts)
+        .where(row_counts.c.table_name == table.name)
+        .values(row_count=row_counts.c.row_count + rows)
+        .returning(row_counts.c.row_count)
+    )
+    return scalar(connection, update)
 
 
 def lock_writes(connection: psycopg.Connection) -> bool:
@@ -167,8 +241,10 @@ def highest_processed_id(connection: psycopg.Connection) -> int | None:
     return max(present) if present else None
 
 
-def count_posts(connection: psycopg.Connection) -> int:
-    return scalar(connection, sa.select(sa.func.count()).select_from(posts))
+def posts_row_count(connection: psycopg.Connection) -> int:
+    """The exact number of rows in `posts`, from the counter (ensure_tables installs it)."""
+    query = sa.select(row_counts.c.row_count).where(row_counts.c.table_name == posts.name)
+    return scalar(connection, query)
 
 
 def preview_rows(connection: psycopg.Connection, after_id: int | None, last_id: int) -> list[tuple]:

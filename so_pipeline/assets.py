@@ -10,7 +10,7 @@ from pydantic import Field
 
 from so_pipeline import analytical_posts as analytical
 from so_pipeline import source_posts as source
-from so_pipeline.cursor import current_cursor, latest_metadata
+from so_pipeline.cursor import current_cursor
 from so_pipeline.metadata import column_schema, markdown_table
 from so_pipeline.resources import PostgresResource
 from so_pipeline.window import REPLAY_ORIGIN, PostWindow
@@ -150,11 +150,6 @@ def filtered_posts(
     window = source_posts_batch
     with analytical_db.connect() as connection:
         analytical.ensure_tables(connection)
-        # The running total of rows in posts; counted (once) when unknown, which costs nothing
-        # on a new table, instead of scanning what this window just wrote.
-        rows_before = latest_metadata(context.instance).get("dagster/row_count")
-        if rows_before is None:
-            rows_before = analytical.count_posts(connection)
     started = time.monotonic()
     if window.is_empty:
         load = WindowLoad()
@@ -177,6 +172,9 @@ def filtered_posts(
             load.lock_wait_seconds,
         )
     with analytical_db.connect() as connection:
+        posts_rows = load.posts_rows
+        if posts_rows is None:
+            posts_rows = analytical.posts_row_count(connection)
         checks = [
             check_post_ids_are_unique(connection),
             check_backlog(window.ids_behind_source, config),
@@ -190,7 +188,7 @@ def filtered_posts(
         metadata={
             "dagster/table_name": analytical.posts.name,
             "dagster/column_schema": column_schema(analytical.posts),
-            "dagster/row_count": rows_before + load.loaded_rows,
+            "dagster/row_count": posts_rows,
             **preview,
             **window.cursor_metadata(),
             **load.metadata(seconds),

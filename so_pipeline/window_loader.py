@@ -51,6 +51,7 @@ class WindowLoad:
     wrote_directly: bool = False
     lock_wait_seconds: float = 0.0
     copy_streams: int = 0
+    posts_rows: int | None = None  # rows in `posts` once the load committed
 
     @property
     def already_present_rows(self) -> int:
@@ -148,8 +149,10 @@ class WindowLoader:
                             kept += self.copy_kept(source, target, id_range, staged)
                         loaded = analytical.merge_posts(target, staged)
                     rejected, newly_rejected = self._merge_rejected(source, target, window)
-                # 1. Leaving that block committed the parallel streams (they had all finished);
-                # 2. leaving this one commits the main transaction, releasing the lock last.
+                # 1. Leaving that block committed the parallel streams (they had all finished),
+                # each with its rows added to the row count; now the main pair's rows.
+                posts_rows = analytical.add_to_row_count(target, loaded + direct.main_pair_rows)
+            # 2. Leaving this block committed the main transaction, releasing the lock last.
         return WindowLoad(
             kept_rows=kept + direct.rows,
             loaded_rows=loaded + direct.rows,
@@ -158,6 +161,7 @@ class WindowLoader:
             wrote_directly=plan.direct is not None,
             lock_wait_seconds=lock_wait,
             copy_streams=max(len(ranges), 1),
+            posts_rows=posts_rows,
         )
 
     def _cut(
@@ -239,10 +243,12 @@ class _DirectCopy:
         self._pairs: list[tuple[psycopg.Connection, psycopg.Connection]] = []
         self._copies: list[Future[int]] = []
         self.rows = 0
+        self.main_pair_rows = 0
 
     def __enter__(self) -> "_DirectCopy":
         if len(self._ranges) == 1:
             self.rows = self._loader.copy_kept(self._source, self._target, self._ranges[0])
+            self.main_pair_rows = self.rows
         elif self._ranges:
             snapshot = scalar(self._source, sa.select(sa.func.pg_export_snapshot()))
             self._pairs = [
@@ -269,8 +275,10 @@ class _DirectCopy:
             try:
                 if error_type is None and self._copies:
                     wait(self._copies, return_when=FIRST_EXCEPTION)  # a failure, at once
-                    self.rows = sum(copy.result() for copy in self._copies)
-                    for _, target in self._pairs:
+                    stream_rows = [copy.result() for copy in self._copies]
+                    self.rows = sum(stream_rows)
+                    for (_, target), rows in zip(self._pairs, stream_rows, strict=True):
+                        analytical.add_to_row_count(target, rows)
                         target.commit()
                 committed = True
             finally:
