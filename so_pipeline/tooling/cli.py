@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from importlib import resources
 from pathlib import Path
@@ -64,6 +65,38 @@ def main(argv: list[str] | None = None) -> int:
         return local.run_dagster_dev(args.port)
     finally:
         local.stop()
+
+
+def _default_signals() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _stop_process_group(process: subprocess.Popen[bytes], grace_seconds: float = 30) -> None:
+    """Stop `process` and everything in its process group: SIGTERM, then SIGKILL."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return  # the whole group is gone
+        try:
+            process.wait(timeout=grace_seconds)
+        except subprocess.TimeoutExpired:
+            continue
+        # The leader is gone; give the rest of its group a moment, then check again.
+        deadline = time.monotonic() + grace_seconds
+        while time.monotonic() < deadline and _group_alive(process.pid):
+            time.sleep(0.2)
+        if not _group_alive(process.pid):
+            return
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def _positive(text: str) -> int:
@@ -147,15 +180,17 @@ class _LocalSetup:
         dagster = Path(sys.executable).with_name("dagster")
         command = [str(dagster), "dev", "-m", "so_pipeline", "-h", "127.0.0.1", "-p", str(port)]
         print(f"Dagster UI on http://127.0.0.1:{port} (Ctrl-C to stop)")
-        process = subprocess.Popen(command)
+        # Its own process group, so that stopping reaches the webserver, daemon and code
+        # servers it starts; default signal handling, since a shell that starts us in the
+        # background (`&`, as scripts and service managers do) leaves SIGINT ignored, and
+        # `dagster dev` stops on SIGINT.
+        process = subprocess.Popen(command, process_group=0, preexec_fn=_default_signals)
         try:
             return process.wait()
         except KeyboardInterrupt:
             return 0
         finally:
-            if process.poll() is None:
-                process.terminate()
-                process.wait(timeout=60)
+            _stop_process_group(process)
 
     def stop(self) -> None:
         self.server.stop()
