@@ -1,21 +1,14 @@
 """The commands users type: `dagster job execute` on the shipped dagster.yaml, and the demo."""
 
-import os
 import subprocess
 from pathlib import Path
 
 import dagster as dg
 import pytest
 
-from so_pipeline_tests.conftest import BIN, REPO_ROOT, PipelineDatabases, Post, run_job
+from so_pipeline_tests.helpers import BIN, PipelineDatabases, Post, dagster_job_execute, run_job
 
-
-def _execute_job(*config: str) -> subprocess.CompletedProcess[str]:
-    command = [str(BIN / "dagster"), "job", "execute", "-m", "so_pipeline"]
-    command += ["-j", "stackoverflow_posts_job", *config]
-    return subprocess.run(
-        command, capture_output=True, text=True, timeout=180, env=os.environ, cwd=REPO_ROOT
-    )
+pytestmark = pytest.mark.integration
 
 
 def test_dagster_job_execute_runs_end_to_end_and_keeps_the_cursor(
@@ -25,8 +18,8 @@ def test_dagster_job_execute_runs_end_to_end_and_keeps_the_cursor(
     run_config = tmp_path / "window.yaml"
     run_config.write_text("ops:\n  source_posts_batch:\n    config:\n      batch_size: 4\n")
 
-    first = _execute_job("-c", str(run_config))
-    second = _execute_job("-c", str(run_config))
+    first = dagster_job_execute("-c", str(run_config))
+    second = dagster_job_execute("-c", str(run_config))
 
     assert first.returncode == 0, first.stderr[-3000:]
     assert second.returncode == 0, second.stderr[-3000:]
@@ -44,7 +37,7 @@ def test_dagster_job_execute_fails_clearly_when_a_url_is_missing(
 ) -> None:
     monkeypatch.delenv("SO_SOURCE_DATABASE_URL")
 
-    result = _execute_job()
+    result = dagster_job_execute()
 
     assert result.returncode != 0
     output = result.stdout + result.stderr

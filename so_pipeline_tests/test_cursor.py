@@ -1,8 +1,12 @@
 """The cursor: it advances window by window, never reloads, and survives lost history."""
 
 import dagster as dg
+import pytest
 
-from so_pipeline_tests.conftest import PipelineDatabases, Post, run_job
+from so_pipeline.tooling.runs import execute_job
+from so_pipeline_tests.helpers import PipelineDatabases, Post, run_job
+
+pytestmark = pytest.mark.integration
 
 
 def test_cursor_advances_window_by_window_until_caught_up(
@@ -192,10 +196,7 @@ def test_the_catch_up_sensor_starts_large_windows_until_the_schedule_can_keep_up
 def test_the_backlog_check_warns_then_fails_as_the_cursor_falls_behind(
     databases: PipelineDatabases, instance: dg.DagsterInstance
 ) -> None:
-    from so_pipeline.definitions import defs
-
     databases.add_source_posts([Post(id=i) for i in (1, 2, 3, 5_000_000)])
-    job = defs.resolve_job_def("stackoverflow_posts_job")
 
     def backlog_check(**limits: int) -> dg.AssetCheckEvaluation:
         run_config = {
@@ -204,7 +205,7 @@ def test_the_backlog_check_warns_then_fails_as_the_cursor_falls_behind(
                 "filtered_posts": {"config": limits},
             }
         }
-        result = job.execute_in_process(run_config=run_config, instance=instance)
+        result = execute_job(instance, run_config)
         (check,) = [
             c
             for c in result.get_asset_check_evaluations()

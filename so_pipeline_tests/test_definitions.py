@@ -1,18 +1,23 @@
-"""The code location's shape, the schedule, and the shipped Dagster instance settings."""
+"""The code location's shape, the schedule, and the shipped Dagster instance settings.
 
-import shutil
+The instance tests (marked integration) load each shipped dagster.yaml with Dagster itself,
+its storage in a real PostgreSQL database and AWS replaced by a stand-in on loopback.
+"""
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import dagster as dg
 import pytest
 import yaml
-from dagster._config import process_config
-from dagster._core.instance.ref import InstanceRef
-from dagster._serdes.config_class import class_from_code_pointer
+from dagster_aws.ecs import EcsRunLauncher
+from dagster_postgres import PostgresRunStorage
 
 from so_pipeline.definitions import defs
-from so_pipeline.jobs import SERIAL_RUN_TAG
-from so_pipeline_tests.conftest import REPO_ROOT
+from so_pipeline_tests.helpers import REPO_ROOT, ScratchDatabases, prepare_dagster_home
 
 
 def test_job_materializes_both_assets_in_order_and_checks_each_window() -> None:
@@ -21,7 +26,6 @@ def test_job_materializes_both_assets_in_order_and_checks_each_window() -> None:
     assert nodes == ["source_posts_batch", "filtered_posts"]
     checks = {key.name for key in job.asset_layer.asset_graph.asset_check_keys}
     assert checks == {"post_ids_are_unique", "backlog_within_limits"}
-    assert job.tags == SERIAL_RUN_TAG
 
 
 def test_schedule_runs_the_job_every_15_minutes() -> None:
@@ -55,50 +59,142 @@ def test_resources_read_their_urls_from_the_environment() -> None:
     assert resources["analytical_db"].url == dg.EnvVar("SO_ANALYTICAL_DATABASE_URL")
 
 
+def _limits_on_the_job(limits: list[dict]) -> list[int]:
+    """Of tag concurrency `limits`, those that apply to stackoverflow_posts_job's runs."""
+    tags = defs.resolve_job_def("stackoverflow_posts_job").tags
+    return [limit["limit"] for limit in limits if tags.get(limit["key"]) == limit["value"]]
+
+
 def test_dagster_yaml_limits_the_job_to_one_run_at_a_time() -> None:
     settings = yaml.safe_load((REPO_ROOT / "dagster.yaml").read_text())
     limits = settings["run_coordinator"]["config"]["tag_concurrency_limits"]
-    ((key, value),) = SERIAL_RUN_TAG.items()
-    assert {"key": key, "value": value, "limit": 1} in limits
+    assert _limits_on_the_job(limits) == [1]
     assert settings["storage"]["postgres"]["postgres_url"] == {"env": "DAGSTER_PG_URL"}
 
 
-def _validate_instance_config(home: Path) -> InstanceRef:
-    """Load dagster.yaml with Dagster's instance loader, then check the run coordinator's and
-    run launcher's own config against their classes' schemas, as instantiating them would
-    (without starting them: the ECS launcher would call AWS)."""
-    ref = InstanceRef.from_dir(str(home))
-    for data in (ref.run_coordinator_data, ref.run_launcher_data):
-        if data is not None:
-            klass = class_from_code_pointer(data.module_name, data.class_name)
-            result = process_config(klass.config_type(), data.config_dict)  # type: ignore[attr-defined]
-            if not result.success:
-                raise dg.DagsterInvalidConfigError(data.class_name, result.errors, data)
-    return ref
+ECS_TASK_DEFINITION = "arn:aws:ecs:eu-west-1:1:task-definition/so_pipeline_run:3"
 
 
+@pytest.fixture
+def aws_on_loopback(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[str, dict]]]:
+    """Every AWS API call goes to a stand-in on 127.0.0.1, never to AWS; yields what it got.
+
+    Building EcsRunLauncher looks up its task definition (ecs:DescribeTaskDefinition) to check
+    that the container it overrides exists: the stand-in answers with a task definition that
+    holds one container, named so_pipeline. Any other call is answered with an error.
+    """
+    calls: list[tuple[str, dict]] = []
+
+    class StandIn(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            operation = self.headers.get("X-Amz-Target", "").rpartition(".")[2]
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"{}")
+            calls.append((operation, body))
+            if operation == "DescribeTaskDefinition":
+                status, answer = (
+                    200,
+                    {
+                        "taskDefinition": {
+                            "taskDefinitionArn": ECS_TASK_DEFINITION,
+                            "containerDefinitions": [{"name": "so_pipeline"}],
+                        }
+                    },
+                )
+            else:
+                status, answer = 400, {"__type": "UnsupportedOperation", "message": operation}
+            payload = json.dumps(answer).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/x-amz-json-1.1")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), StandIn)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    for variable in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.delenv(variable, raising=False)
+    for variable, value in {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{server.server_port}",
+        "AWS_DEFAULT_REGION": "eu-west-1",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_CONFIG_FILE": "/nonexistent",
+        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "NO_PROXY": "127.0.0.1",
+        "DAGSTER_ECS_TASK_DEFINITION": ECS_TASK_DEFINITION,
+    }.items():
+        monkeypatch.setenv(variable, value)
+    yield calls
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+@pytest.mark.integration
 @pytest.mark.parametrize("variant", ["dagster.yaml", "deploy/ecs/dagster.yaml"])
-def test_each_shipped_instance_config_passes_dagsters_own_loader(
-    variant: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_each_shipped_instance_config_loads_in_dagster(
+    variant: str,
+    tmp_path: Path,
+    scratch_databases: ScratchDatabases,
+    monkeypatch: pytest.MonkeyPatch,
+    aws_on_loopback: list[tuple[str, dict]],
 ) -> None:
-    shutil.copyfile(REPO_ROOT / variant, tmp_path / "dagster.yaml")
-    monkeypatch.setenv("DAGSTER_PG_URL", "postgresql+psycopg2://dagster@db.example/dagster")
-    monkeypatch.setenv("DAGSTER_ECS_TASK_DEFINITION", "arn:aws:ecs:eu-west-1:1:task-definition/x")
+    """DAGSTER_HOME holds the file; Dagster builds the instance from it, as the daemon does,
+    and queues this job one run at a time."""
+    prepare_dagster_home(tmp_path / "home", REPO_ROOT / variant, scratch_databases, monkeypatch)
 
-    ref = _validate_instance_config(tmp_path)
+    with dg.DagsterInstance.get() as instance:
+        storage, coordinator = instance.run_storage, instance.run_coordinator
 
-    assert ref.storage_data.class_name == "DagsterPostgresStorage"  # type: ignore[union-attr]
-    assert ref.run_coordinator_data.class_name == "QueuedRunCoordinator"  # type: ignore[union-attr]
+        assert isinstance(storage, PostgresRunStorage)
+        assert isinstance(coordinator, dg.QueuedRunCoordinator)
+        assert _limits_on_the_job(coordinator.get_run_queue_config().tag_concurrency_limits) == [1]
+        if variant == "dagster.yaml":
+            assert isinstance(instance.run_launcher, dg.DefaultRunLauncher)
 
 
-def test_the_loader_rejects_a_broken_variant(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.integration
+def test_the_ecs_variant_launches_runs_as_ecs_tasks_of_the_task_definition(
+    tmp_path: Path,
+    scratch_databases: ScratchDatabases,
+    monkeypatch: pytest.MonkeyPatch,
+    aws_on_loopback: list[tuple[str, dict]],
 ) -> None:
-    """The check above can fail: a misspelt launcher option is refused."""
+    ecs = REPO_ROOT / "deploy/ecs/dagster.yaml"
+    prepare_dagster_home(tmp_path / "home", ecs, scratch_databases, monkeypatch)
+
+    with dg.DagsterInstance.get() as instance:
+        launcher = instance.run_launcher
+
+        assert isinstance(launcher, EcsRunLauncher)
+        assert launcher.task_definition == ECS_TASK_DEFINITION
+        assert launcher.container_name == "so_pipeline"
+        assert launcher.secrets_tags == ["so_pipeline"]  # the secrets the runs get
+    assert aws_on_loopback == [("DescribeTaskDefinition", {"taskDefinition": ECS_TASK_DEFINITION})]
+
+
+@pytest.mark.integration
+def test_dagster_rejects_a_misspelt_launcher_option(
+    tmp_path: Path,
+    scratch_databases: ScratchDatabases,
+    monkeypatch: pytest.MonkeyPatch,
+    aws_on_loopback: list[tuple[str, dict]],
+) -> None:
+    """The checks above can fail: a misspelt launcher option is refused before AWS is asked."""
     settings = yaml.safe_load((REPO_ROOT / "deploy/ecs/dagster.yaml").read_text())
     settings["run_launcher"]["config"]["task_defintion"] = "typo"
-    (tmp_path / "dagster.yaml").write_text(yaml.safe_dump(settings))
-    monkeypatch.setenv("DAGSTER_ECS_TASK_DEFINITION", "arn:aws:ecs:eu-west-1:1:task-definition/x")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(yaml.safe_dump(settings))
+    prepare_dagster_home(tmp_path / "home", broken, scratch_databases, monkeypatch)
 
-    with pytest.raises(dg.DagsterInvalidConfigError, match="task_defintion"):
-        _validate_instance_config(tmp_path)
+    with (
+        pytest.raises(dg.DagsterInvalidConfigError, match="task_defintion"),
+        dg.DagsterInstance.get() as instance,
+    ):
+        _ = instance.run_launcher
+    assert aws_on_loopback == []

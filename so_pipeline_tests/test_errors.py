@@ -4,7 +4,9 @@ import dagster as dg
 import psycopg
 import pytest
 
-from so_pipeline_tests.conftest import PipelineDatabases, Post, run_job
+from so_pipeline_tests.helpers import PipelineDatabases, Post, run_job
+
+pytestmark = pytest.mark.integration
 
 PASSWORD_MARKER = "pw-MARKER-5b1f0c"
 

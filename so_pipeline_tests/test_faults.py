@@ -14,14 +14,17 @@ import pytest
 
 from so_pipeline.analytical_posts import ensure_tables
 from so_pipeline.definitions import defs
-from so_pipeline_tests.conftest import (
-    BIN,
+from so_pipeline_tests.helpers import (
     REPO_ROOT,
     PipelineDatabases,
     Post,
+    dagster_job_execute,
+    dagster_job_execute_command,
     generate_source_posts,
     run_job,
 )
+
+pytestmark = pytest.mark.integration
 
 GENERATED_ROWS = 150_000
 
@@ -53,11 +56,8 @@ def test_a_run_killed_while_loading_leaves_nothing_and_the_next_run_completes(
     expected = generate_source_posts(databases.source_url, GENERATED_ROWS)
     config = tmp_path / "big.yaml"
     config.write_text("ops:\n  source_posts_batch:\n    config:\n      batch_size: 1000000\n")
-    command = [str(BIN / "dagster"), "job", "execute", "-m", "so_pipeline"]
-    command += ["-j", "stackoverflow_posts_job", "-c", str(config)]
-
     run = subprocess.Popen(
-        command,
+        dagster_job_execute_command("-c", str(config)),
         cwd=REPO_ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -70,7 +70,7 @@ def test_a_run_killed_while_loading_leaves_nothing_and_the_next_run_completes(
     _wait_for(lambda: _copy_rows(databases.analytical_url, "COPY FROM") == 0)
     assert databases.query("analytical", "SELECT count(*) FROM posts") == [(0,)]
 
-    rerun = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    rerun = dagster_job_execute("-c", str(config), timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert databases.loaded_ids() == expected
     assert len(databases.rejected()) == GENERATED_ROWS - len(expected)
@@ -216,12 +216,13 @@ def test_two_runs_at_once_load_each_row_once(
     databases: PipelineDatabases, dagster_home: Path
 ) -> None:
     expected = generate_source_posts(databases.source_url, 60_000)
-    command = [str(BIN / "dagster"), "job", "execute", "-m", "so_pipeline"]
-    command += ["-j", "stackoverflow_posts_job"]
-
     runs = [
         subprocess.Popen(
-            command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            dagster_job_execute_command(),
+            cwd=REPO_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         for _ in range(2)
     ]
@@ -269,19 +270,3 @@ def test_late_rows_inside_the_look_back_are_loaded_and_others_reported(
     assert 5 in databases.loaded_ids()
     checks = reconciliation.execute_in_process(instance=instance).get_asset_check_evaluations()
     assert [c.passed for c in checks] == [True, True]
-
-
-def test_the_shipped_instance_queues_this_job_one_run_at_a_time(
-    dagster_home: Path,
-) -> None:
-    """dagster.yaml, loaded by Dagster itself, limits the job's tag to one run at a time."""
-    with dg.DagsterInstance.get() as instance:
-        queue = instance.run_coordinator.get_run_queue_config()  # type: ignore[attr-defined]
-    (limit,) = queue.tag_concurrency_limits
-    assert (limit["key"], limit["value"], limit["limit"]) == (
-        "so_pipeline/serial",
-        "stackoverflow_posts",
-        1,
-    )
-    job = defs.resolve_job_def("stackoverflow_posts_job")
-    assert job.tags[limit["key"]] == limit["value"]

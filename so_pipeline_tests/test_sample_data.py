@@ -11,7 +11,9 @@ import pytest
 
 from so_pipeline.resources import PostgresResource
 from so_pipeline.tooling.dump_loader import DumpError, DumpProgress, load_dump
-from so_pipeline_tests.conftest import PipelineDatabases, run_job
+from so_pipeline_tests.helpers import PipelineDatabases, run_until_caught_up
+
+pytestmark = pytest.mark.integration
 
 SAMPLE = Path(str(resources.files("so_pipeline.tooling") / "sample_data" / "cardano-posts.xml.gz"))
 
@@ -50,9 +52,10 @@ def test_the_real_sample_arrives_exactly_as_the_xml_says(
     loaded = load_dump(SAMPLE, _source(databases))
     assert loaded.rows_loaded == 2630
 
-    while run_job(instance, batch_size=700).metadata("source_posts_batch")["rows_in_window"]:
-        pass
+    runs = run_until_caught_up(instance, batch_size=700)
 
+    windows = [run.metadata("source_posts_batch")["rows_in_window"] for run in runs]
+    assert windows == [700, 700, 700, 530]
     kept, rejected = _expected_from_xml()
     assert databases.query(
         "analytical", "SELECT id, title, body, owner_user_id, creation_date FROM posts ORDER BY id"

@@ -1,6 +1,6 @@
-"""Secrets stay out of every record, and the documented least-privilege roles are enough."""
+"""Secrets stay out of every record, the documented least-privilege roles are enough, bad run
+config is refused before anything is written, and TLS settings in a URL reach libpq."""
 
-import subprocess
 import uuid
 from pathlib import Path
 
@@ -10,19 +10,16 @@ import pytest
 import sqlalchemy as sa
 from psycopg import sql
 
-from so_pipeline_tests.conftest import BIN, REPO_ROOT, PipelineDatabases, Post, run_job
+from so_pipeline.tooling.runs import execute_job
+from so_pipeline_tests.helpers import PipelineDatabases, Post, dagster_job_execute, run_job
+
+pytestmark = pytest.mark.integration
 
 MARKER = "s3cret-MARKER-" + uuid.uuid4().hex[:8]
 
 
 def _with_password(url: str, password: str) -> str:
     return sa.make_url(url).set(password=password).render_as_string(hide_password=False)
-
-
-def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    command = [str(BIN / "dagster"), "job", "execute", "-m", "so_pipeline"]
-    command += ["-j", "stackoverflow_posts_job", *args]
-    return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=180)
 
 
 def test_passwords_never_reach_logs_metadata_or_errors(
@@ -34,7 +31,7 @@ def test_passwords_never_reach_logs_metadata_or_errors(
     monkeypatch.setenv(
         "SO_ANALYTICAL_DATABASE_URL", _with_password(databases.analytical_url, MARKER)
     )
-    outputs = [_run_cli()]  # succeeds
+    outputs = [dagster_job_execute()]  # succeeds
     assert outputs[0].returncode == 0, outputs[0].stderr[-2000:]
     for variable, url in [
         ("SO_SOURCE_DATABASE_URL", f"postgresql://so:{MARKER}@127.0.0.1:1/so"),  # refused
@@ -42,7 +39,7 @@ def test_passwords_never_reach_logs_metadata_or_errors(
         ("SO_SOURCE_DATABASE_URL", f"postgresql://so:{MARKER}@127.0.0.1:notaport/so"),
     ]:
         monkeypatch.setenv(variable, url)
-        outputs.append(_run_cli())
+        outputs.append(dagster_job_execute())
         assert outputs[-1].returncode != 0
 
     assert not any(MARKER in out.stdout + out.stderr for out in outputs)
@@ -120,43 +117,40 @@ def test_the_documented_grants_are_enough_and_the_reader_cannot_write(
 
 @pytest.mark.parametrize(
     ("config", "expected"),
-    [
-        ({"batch_size": "many"}, "batch_size"),
-        ({"batch_size": 0}, "batch_size"),
-        ({"lookback_ids": -1}, "lookback_ids"),
-        ({"batch_sise": 10}, "batch_sise"),
-    ],
+    [({"batch_size": "many"}, "batch_size"), ({"batch_sise": 10}, "batch_sise")],
 )
 def test_a_malformed_run_config_is_named_before_anything_runs(
     databases: PipelineDatabases, instance: dg.DagsterInstance, config: dict, expected: str
 ) -> None:
-    from so_pipeline.definitions import defs
-
-    job = defs.resolve_job_def("stackoverflow_posts_job")
-    with pytest.raises(
-        (dg.DagsterInvalidConfigError, dg.DagsterInvalidConfigDefinitionError, Exception)
-    ) as failure:
-        job.execute_in_process(
-            run_config={"ops": {"source_posts_batch": {"config": config}}}, instance=instance
-        )
+    with pytest.raises(dg.DagsterInvalidConfigError) as failure:
+        execute_job(instance, {"ops": {"source_posts_batch": {"config": config}}})
     assert expected in str(failure.value)
-    assert instance.get_latest_materialization_event(dg.AssetKey("filtered_posts")) is None
+    assert instance.get_runs() == []
 
 
 @pytest.mark.parametrize(
-    ("copy_streams", "expected"),
-    [(0, "greater than or equal to 1"), (9, "less than or equal to 8")],
+    ("option", "value", "expected"),
+    [
+        ("batch_size", 0, "greater than 0"),
+        ("lookback_ids", -1, "greater than or equal to 0"),
+        ("copy_streams", 0, "greater than or equal to 1"),
+        ("copy_streams", 9, "less than or equal to 8"),
+    ],
 )
-def test_an_out_of_range_copy_streams_fails_the_load_step_before_it_writes(
-    databases: PipelineDatabases, instance: dg.DagsterInstance, copy_streams: int, expected: str
+def test_an_out_of_range_number_fails_its_step_before_it_writes(
+    databases: PipelineDatabases,
+    instance: dg.DagsterInstance,
+    option: str,
+    value: int,
+    expected: str,
 ) -> None:
-    """Dagster checks the bounds when the step starts, after the window step ran."""
+    """Dagster checks the bounds when the step starts (copy_streams: after the window step ran)."""
     databases.add_source_posts([Post(id=1)])
 
-    outcome = run_job(instance, copy_streams=copy_streams)
+    outcome = run_job(instance, **{option: value})
 
     assert not outcome.success
-    assert "copy_streams" in outcome.failure_message()
+    assert option in outcome.failure_message()
     assert expected in outcome.failure_message()
     assert instance.get_latest_materialization_event(dg.AssetKey("filtered_posts")) is None
     assert databases.query("analytical", "SELECT to_regclass('posts')") == [(None,)]
@@ -188,7 +182,7 @@ def test_an_unreadable_run_config_file_is_reported(
     broken = tmp_path / "broken.yaml"
     broken.write_text("ops:\n  source_posts_batch: [unclosed\n")
 
-    result = _run_cli("-c", str(broken))
+    result = dagster_job_execute("-c", str(broken))
 
     assert result.returncode != 0
     assert "broken.yaml" in result.stdout + result.stderr

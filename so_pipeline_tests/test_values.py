@@ -4,8 +4,18 @@ from datetime import datetime
 
 import dagster as dg
 import psycopg
+import pytest
 
-from so_pipeline_tests.conftest import PipelineDatabases, Post, generate_source_posts, run_job
+from so_pipeline_tests.helpers import (
+    PipelineDatabases,
+    Post,
+    ScratchDatabases,
+    generate_source_posts,
+    run_job,
+    run_until_caught_up,
+)
+
+pytestmark = pytest.mark.integration
 
 ODD_POSTS = [
     Post(id=1, title=None, body="<p>an answer has no title</p>"),
@@ -51,7 +61,9 @@ def test_values_survive_the_staged_merge_path_too(
 
 
 def test_one_large_window_loads_exactly_what_tick_sized_windows_load(
-    databases: PipelineDatabases, postgres_server, monkeypatch
+    databases: PipelineDatabases,
+    scratch_databases: ScratchDatabases,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Catching up in one window must give the same tables as loading tick by tick."""
     posts = [
@@ -71,11 +83,10 @@ def test_one_large_window_loads_exactly_what_tick_sized_windows_load(
     large_posts = databases.query("analytical", tables)
     large_rejected = databases.query("analytical", rejected)
 
-    tick_analytical = postgres_server.url(postgres_server.create_database("so_ticks"))
+    tick_analytical = scratch_databases.create("so_ticks")
     monkeypatch.setenv("SO_ANALYTICAL_DATABASE_URL", tick_analytical)
     with dg.DagsterInstance.ephemeral() as ticks:
-        while run_job(ticks, batch_size=17).metadata("source_posts_batch")["rows_in_window"]:
-            pass
+        assert len(run_until_caught_up(ticks, batch_size=17)) == 18  # 300 ids, 17 a window
     ticked = PipelineDatabases(databases.source_url, tick_analytical)
 
     assert ticked.query("analytical", tables) == large_posts
@@ -84,7 +95,9 @@ def test_one_large_window_loads_exactly_what_tick_sized_windows_load(
 
 
 def test_parallel_copy_streams_load_exactly_what_one_stream_loads(
-    databases: PipelineDatabases, postgres_server, monkeypatch
+    databases: PipelineDatabases,
+    scratch_databases: ScratchDatabases,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A large window is split across parallel COPY streams; the tables must not tell."""
     kept = generate_source_posts(databases.source_url, 150_000)
@@ -101,7 +114,7 @@ def test_parallel_copy_streams_load_exactly_what_one_stream_loads(
         "analytical", rejected
     )
 
-    one_stream = postgres_server.url(postgres_server.create_database("so_one_stream"))
+    one_stream = scratch_databases.create("so_one_stream")
     monkeypatch.setenv("SO_ANALYTICAL_DATABASE_URL", one_stream)
     with dg.DagsterInstance.ephemeral() as instance:
         single = run_job(instance, batch_size=1_000_000, copy_streams=1)

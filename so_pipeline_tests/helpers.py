@@ -1,0 +1,209 @@
+"""Shared test helpers: database servers, source posts, in-process runs and the CLI command.
+
+Fixtures live in conftest.py and build on these; tests import from here, never from conftest.
+"""
+
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import psycopg
+import pytest
+import sqlalchemy as sa
+
+from so_pipeline.tooling.dump_loader import create_posts_table
+from so_pipeline.tooling.embedded import LocalServer
+from so_pipeline.tooling.runs import (
+    JOB_NAME,
+    execute_job,
+    materialization_metadata,
+    runs_until_caught_up,
+)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+# --- servers and databases ----------------------------------------------------------------------
+
+
+class ExternalServer(LocalServer):
+    """The server of SO_TEST_DATABASE_URL (its role must be allowed to create databases)."""
+
+    def __init__(self, admin_url: str) -> None:
+        self._admin_url = sa.make_url(admin_url)
+
+    def url(self, database: str, driver: str = "postgresql") -> str:
+        return self._admin_url.set(drivername=driver, database=database).render_as_string(
+            hide_password=False
+        )
+
+
+@dataclass
+class ScratchDatabases:
+    """Creates uniquely named databases on `server`; `drop_all` drops every one of them."""
+
+    server: LocalServer
+    created: list[str] = field(default_factory=list)
+
+    def create(self, prefix: str, driver: str = "postgresql") -> str:
+        """A new, empty database named `prefix_<random>`; return its URL for `driver`."""
+        name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+        self.created.append(name)
+        self.server.create_database(name)
+        return self.server.url(name, driver)
+
+    def drop_all(self) -> None:
+        while self.created:
+            self.server.drop_database(self.created.pop())
+
+
+def prepare_dagster_home(
+    home: Path, config: Path, scratch: ScratchDatabases, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """A DAGSTER_HOME holding `config` as its dagster.yaml, its storage in a fresh database."""
+    home.mkdir()
+    shutil.copyfile(config, home / "dagster.yaml")
+    monkeypatch.setenv("DAGSTER_PG_URL", scratch.create("dagster", "postgresql+psycopg2"))
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    return home
+
+
+# --- source and analytical data -----------------------------------------------------------------
+
+
+@dataclass
+class Post:
+    id: int
+    body: str | None = "<p>a body</p>"
+    title: str | None = "A title"
+    owner_user_id: int | None = 7
+    creation_date: datetime = datetime(2020, 1, 2, 3, 4, 5, 678901)
+
+
+@dataclass
+class PipelineDatabases:
+    source_url: str
+    analytical_url: str
+
+    def add_source_posts(self, posts: Sequence[Post]) -> None:
+        """Insert posts into the source `posts` table (the dump's full schema)."""
+        with psycopg.connect(self.source_url, autocommit=True) as connection:
+            create_posts_table(connection)
+            with connection.cursor().copy(
+                "COPY posts (id, title, body, owner_user_id, creation_date, post_type_id) "
+                "FROM STDIN"
+            ) as copy:
+                for post in posts:
+                    copy.write_row(
+                        [post.id, post.title, post.body, post.owner_user_id, post.creation_date, 1]
+                    )
+
+    def query(self, which: str, statement: str, params: Sequence[object] = ()) -> list[tuple]:
+        url = self.source_url if which == "source" else self.analytical_url
+        with psycopg.connect(url) as connection:
+            return connection.execute(statement, params).fetchall()  # type: ignore[arg-type]
+
+    def loaded_ids(self) -> list[int]:
+        return [row[0] for row in self.query("analytical", "SELECT id FROM posts ORDER BY id")]
+
+    def rejected(self) -> dict[int, str]:
+        return dict(self.query("analytical", "SELECT id, reason FROM posts_rejected"))
+
+
+def generate_source_posts(source_url: str, rows: int) -> list[int]:
+    """Fill the source with `rows` ~1 KB posts; return the ids the pipeline must keep.
+
+    Every 10th body is blank and every 13th owner NULL, so those are rejected.
+    """
+    with psycopg.connect(source_url, autocommit=True) as connection:
+        create_posts_table(connection)
+        connection.execute(
+            "INSERT INTO posts (id, title, body, owner_user_id, creation_date) "
+            "SELECT g, 't' || g, CASE WHEN g %% 10 = 0 THEN ' ' ELSE repeat('<p>x</p>', 120) "
+            "|| g END, CASE WHEN g %% 13 = 0 THEN NULL ELSE g END, "
+            "timestamp '2020-01-01' + g * interval '1 second' FROM generate_series(1, %s) g",
+            [rows],
+        )
+    return [i for i in range(1, rows + 1) if i % 10 and i % 13]
+
+
+# --- runs of the job ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    result: dg.ExecuteInProcessResult
+
+    @property
+    def success(self) -> bool:
+        return self.result.success
+
+    def metadata(self, asset: str = "filtered_posts") -> dict[str, Any]:
+        return materialization_metadata(self.result, asset)
+
+    def failure_message(self) -> str:
+        """Every error text of the failed run, as a user would read it in the UI."""
+        texts = []
+        for event in self.result.all_events:
+            if event.is_step_failure:
+                error = event.step_failure_data.error
+                texts.append(error.to_string() if error else "")
+        return "\n".join(texts)
+
+
+def job_run_config(
+    batch_size: int | None = None,
+    start_after_id: int | None = None,
+    require_owner: bool | None = None,
+    lookback_ids: int | None = None,
+    copy_streams: int | None = None,
+) -> dict[str, Any]:
+    """stackoverflow_posts_job's run config with the given options (the others: defaults)."""
+
+    def given(**options: object) -> dict[str, object]:
+        return {name: value for name, value in options.items() if value is not None}
+
+    batch = given(batch_size=batch_size, start_after_id=start_after_id, lookback_ids=lookback_ids)
+    load = given(require_owner=require_owner, copy_streams=copy_streams)
+    return {"ops": {"source_posts_batch": {"config": batch}, "filtered_posts": {"config": load}}}
+
+
+def run_job(instance: dg.DagsterInstance, **options: Any) -> RunOutcome:
+    """Run stackoverflow_posts_job in process, as the schedule would, with `job_run_config`'s
+    options; a failed run is returned, not raised."""
+    return RunOutcome(execute_job(instance, job_run_config(**options), raise_on_error=False))
+
+
+def run_until_caught_up(instance: dg.DagsterInstance, **options: Any) -> list[RunOutcome]:
+    """Run the job until a run finds no new id; the runs that found some (a failure raises)."""
+    return [
+        RunOutcome(result) for result in runs_until_caught_up(instance, job_run_config(**options))
+    ]
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+
+def dagster_job_execute_command(*extra_args: str) -> list[str]:
+    """`dagster job execute` of the job in the code location, as an operator types it."""
+    command = [str(BIN / "dagster"), "job", "execute", "-m", "so_pipeline", "-j", JOB_NAME]
+    return [*command, *extra_args]
+
+
+def dagster_job_execute(*extra_args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    """Run `dagster job execute` from the repository, in this process's environment."""
+    return subprocess.run(
+        dagster_job_execute_command(*extra_args),
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
