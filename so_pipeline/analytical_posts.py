@@ -4,12 +4,15 @@ Column lists, contracts, COPY and merge statements are all derived from the two 
 definitions below, so a new column is one edit here.
 """
 
+from datetime import datetime
+
 import psycopg
 import sqlalchemy as sa
 from psycopg import sql
 from sqlalchemy.dialects import postgresql as pg
 
 from so_pipeline.core_sql import execute, scalar
+from so_pipeline.post_rules import RejectReason
 from so_pipeline.table_contract import (
     PG_ATTRIBUTE,
     PG_INDEX,
@@ -33,11 +36,15 @@ def post_fields() -> list[sa.Column]:
     The column types are the contract with downstream users.
     """
     return [
-        sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=False),
-        sa.Column("title", sa.Text),
-        sa.Column("body", sa.Text),
-        sa.Column("owner_user_id", sa.BigInteger),
-        sa.Column("creation_date", pg.TIMESTAMP(timezone=False)),
+        sa.Column(
+            "id", sa.BigInteger, primary_key=True, autoincrement=False, doc="Source post id."
+        ),
+        sa.Column("title", sa.Text, doc="Question title; NULL for answers."),
+        sa.Column("body", sa.Text, doc="HTML body, as in the source."),
+        sa.Column("owner_user_id", sa.BigInteger, doc="Author; NULL once the user is deleted."),
+        sa.Column(
+            "creation_date", pg.TIMESTAMP(timezone=False), doc="When the post was made (UTC)."
+        ),
     ]
 
 
@@ -47,7 +54,12 @@ posts = sa.Table(
     "posts",
     metadata,
     *post_fields(),
-    sa.Column("loaded_at", pg.TIMESTAMP(timezone=True), server_default=sa.func.now()),
+    sa.Column(
+        "loaded_at",
+        pg.TIMESTAMP(timezone=True),
+        server_default=sa.func.now(),
+        doc="When the pipeline loaded the row.",
+    ),
 )
 
 # Every source row the rules turned away, with the reason, so nothing is dropped silently.
@@ -56,28 +68,41 @@ posts_rejected = sa.Table(
     "posts_rejected",
     metadata,
     _rejected_fields[0],
-    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False, doc="Why the rules turned the post away."),
     *_rejected_fields[1:],
-    sa.Column("rejected_at", pg.TIMESTAMP(timezone=True), server_default=sa.func.now()),
+    sa.Column(
+        "rejected_at",
+        pg.TIMESTAMP(timezone=True),
+        server_default=sa.func.now(),
+        doc="When the pipeline rejected the row.",
+    ),
 )
 
 TABLES = (posts, posts_rejected)
 
-# The exact row count of each table, kept in the same transactions as the writes: the loads
-# add what they inserted, and statement triggers subtract deletions made by hand (a TRUNCATE
-# sets 0). Counting 55M rows on every tick would take seconds.
+# Exact row counts, kept in the same transactions as the writes: the loads add what they
+# inserted, and statement triggers subtract rows deleted by hand (a TRUNCATE sets 0). Keys:
+# `posts`, and `posts_rejected:<reason>` for each reason. Counting 55M rows on every tick
+# would take seconds.
 row_counts = sa.Table(
     "so_pipeline_row_counts",
     metadata,
     sa.Column("table_name", sa.Text, primary_key=True),
     sa.Column("row_count", sa.BigInteger, nullable=False),
 )
+_REJECTED_KEY_PREFIX = "posts_rejected:"
 
 _COUNT_TRIGGER_FUNCTION = """CREATE OR REPLACE FUNCTION so_pipeline_count_removed_rows()
 RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     IF TG_OP = 'TRUNCATE' THEN
-        UPDATE so_pipeline_row_counts SET row_count = 0 WHERE table_name = TG_TABLE_NAME;
+        UPDATE so_pipeline_row_counts SET row_count = 0
+        WHERE table_name = TG_TABLE_NAME OR table_name LIKE TG_TABLE_NAME || ':%';
+    ELSIF TG_TABLE_NAME = 'posts_rejected' THEN
+        UPDATE so_pipeline_row_counts c SET row_count = c.row_count - r.rows
+        FROM (SELECT 'posts_rejected:' || reason AS key, count(*) AS rows
+              FROM removed GROUP BY reason) r
+        WHERE c.table_name = r.key;
     ELSE
         UPDATE so_pipeline_row_counts SET row_count = row_count - (SELECT count(*) FROM removed)
         WHERE table_name = TG_TABLE_NAME;
@@ -121,48 +146,49 @@ def ensure_tables(connection: psycopg.Connection) -> None:
                 )
         for table in metadata.sorted_tables:
             execute(connection, sa.schema.CreateTable(table, if_not_exists=True))
-        _keep_row_count(connection, posts)
+        _keep_row_counts(connection)
 
 
-def _keep_row_count(connection: psycopg.Connection, table: sa.Table) -> None:
-    """Install the row counter of `table` unless it is there (counting the table once)."""
+def _keep_row_counts(connection: psycopg.Connection) -> None:
+    """Install the row counters unless they are there (counting the tables once)."""
     trigger = sa.table("pg_trigger", sa.column("tgrelid"), sa.column("tgname"))
     installed = scalar(
         connection,
         sa.select(sa.func.count()).where(
-            trigger.c.tgrelid == sa.func.to_regclass(table.name),
+            trigger.c.tgrelid.in_([sa.func.to_regclass(table.name) for table in TABLES]),
             trigger.c.tgname.in_(list(_COUNT_TRIGGERS)),
         ),
     )
-    if installed == len(_COUNT_TRIGGERS):
+    if installed == len(_COUNT_TRIGGERS) * len(TABLES):
         return
     connection.execute(_COUNT_TRIGGER_FUNCTION)
-    for name, definition in _COUNT_TRIGGERS.items():
-        connection.execute(
-            sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
-                sql.Identifier(name), sql.Identifier(table.name)
+    for table in TABLES:
+        for name, definition in _COUNT_TRIGGERS.items():
+            trigger_name, table_name = sql.Identifier(name), sql.Identifier(table.name)
+            connection.execute(
+                sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(trigger_name, table_name)
             )
-        )
-        connection.execute(
-            sql.SQL("CREATE TRIGGER {} " + definition).format(
-                sql.Identifier(name), table=sql.Identifier(table.name)
+            connection.execute(
+                sql.SQL("CREATE TRIGGER {} " + definition).format(trigger_name, table=table_name)
             )
-        )
-    count = sa.select(sa.literal(table.name), sa.func.count()).select_from(table)
-    seed = pg.insert(row_counts).from_select(["table_name", "row_count"], count)
-    execute(
-        connection,
-        seed.on_conflict_do_update(
-            index_elements=["table_name"], set_={"row_count": seed.excluded.row_count}
-        ),
+    rejected_key = sa.literal(_REJECTED_KEY_PREFIX) + posts_rejected.c.reason
+    counts = sa.union_all(
+        sa.select(sa.literal(posts.name), sa.func.count()).select_from(posts),
+        sa.select(rejected_key, sa.func.count()).group_by(posts_rejected.c.reason),
     )
+    seed = pg.insert(row_counts).from_select(["table_name", "row_count"], counts)
+    update = {"row_count": seed.excluded.row_count}
+    execute(connection, seed.on_conflict_do_update(index_elements=["table_name"], set_=update))
+    for reason in RejectReason:
+        zero = pg.insert(row_counts).values(table_name=_REJECTED_KEY_PREFIX + reason, row_count=0)
+        execute(connection, zero.on_conflict_do_nothing())
 
 
-def add_to_row_count(connection: psycopg.Connection, rows: int, table: sa.Table = posts) -> int:
-    """Add `rows` inserted into `table` to its count, in the caller's transaction; return it."""
+def add_to_row_count(connection: psycopg.Connection, rows: int, key: str = posts.name) -> int:
+    """Add `rows` inserted to the count `key`, in the caller's transaction; return the count."""
     update = (
         sa.update(row_counts)
-        .where(row_counts.c.table_name == table.name)
+        .where(row_counts.c.table_name == key)
         .values(row_count=row_counts.c.row_count + rows)
         .returning(row_counts.c.row_count)
     )
@@ -220,7 +246,21 @@ def merge_rejected(connection: psycopg.Connection, staged: str) -> dict[str, int
     """Add the staged rejected rows that are new; return their count by reason."""
     inserted = _merge(posts_rejected, staged).returning(posts_rejected.c.reason).cte("inserted")
     by_reason = sa.select(inserted.c.reason, sa.func.count()).group_by(inserted.c.reason)
-    return dict(execute(connection, by_reason).fetchall())
+    added = dict(execute(connection, by_reason).fetchall())
+    for reason, rows in added.items():
+        add_to_row_count(connection, rows, _REJECTED_KEY_PREFIX + reason)
+    return added
+
+
+def rejected_totals(connection: psycopg.Connection) -> dict[str, int]:
+    """Rows in `posts_rejected` by reason (every reason, 0 included), from the counters."""
+    query = sa.select(row_counts.c.table_name, row_counts.c.row_count).where(
+        row_counts.c.table_name.startswith(_REJECTED_KEY_PREFIX, autoescape=True)
+    )
+    return {
+        key.removeprefix(_REJECTED_KEY_PREFIX): count
+        for key, count in execute(connection, query).fetchall()
+    }
 
 
 # --- reading -----------------------------------------------------------------------------------
@@ -239,6 +279,12 @@ def highest_processed_id(connection: psycopg.Connection) -> int | None:
     ]
     present = [value for value in highest if value is not None]
     return max(present) if present else None
+
+
+def newest_loaded_time(connection: psycopg.Connection) -> datetime | None:
+    """creation_date of the loaded post with the highest id."""
+    query = sa.select(posts.c.creation_date).order_by(posts.c.id.desc()).limit(1)
+    return scalar(connection, query)
 
 
 def posts_row_count(connection: psycopg.Connection) -> int:

@@ -1,18 +1,21 @@
 """The two assets: pick the next id window of the source, then load its valid posts."""
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
 import dagster as dg
+import psycopg
 from pydantic import Field
 
 from so_pipeline import analytical_posts as analytical
 from so_pipeline import source_posts as source
 from so_pipeline.cursor import current_cursor
 from so_pipeline.metadata import column_schema, markdown_table
-from so_pipeline.resources import PostgresResource
+from so_pipeline.posts_state import read_posts_state
+from so_pipeline.resources import DatabaseUnavailableError, PostgresResource, is_permanent
 from so_pipeline.window import REPLAY_ORIGIN, PostWindow
 from so_pipeline.window_checks import (
     BacklogLimits,
@@ -20,7 +23,17 @@ from so_pipeline.window_checks import (
     check_post_ids_are_unique,
     window_check_specs,
 )
+from so_pipeline.window_io import WINDOW_IO_MANAGER_KEY
 from so_pipeline.window_loader import MIN_ROWS_PER_STREAM, WindowLoad, WindowLoader
+
+# Bumped when a change alters what the assets write, so the UI can tell materializations apart.
+CODE_VERSION = "2"
+
+# The concurrency pool of the assets that read and move the cursor.
+POSTS_WRITERS_POOL = "so_pipeline_posts"
+
+# Transient errors are retried this many times (after 1, 2 and 4 s).
+MAX_RETRIES = 3
 
 # 100k posts (~120 MB of source data) take a few seconds per tick and keep each transaction
 # short; raise it for a catch-up run, memory does not grow with it.
@@ -45,9 +58,10 @@ def _asset(**options: Any) -> Callable[[Callable[..., Any]], dg.AssetsDefinition
         kinds={"postgres"},
         group_name="stackoverflow",
         owners=["team:data-engineering"],
-        # Transient errors (a dropped connection, a serialization failure) are retried after
-        # 1, 2 and 4 s; permanent ones raise dg.Failure(allow_retries=False) and fail at once.
-        retry_policy=dg.RetryPolicy(max_retries=3, delay=1, backoff=dg.Backoff.EXPONENTIAL),
+        # Every run that writes posts (the job, the UI's Materialize button, a backfill,
+        # `dagster asset materialize`) waits for this pool; dagster.yaml gives it one run.
+        pool=POSTS_WRITERS_POOL,
+        code_version=CODE_VERSION,
         **options,
     )
 
@@ -83,14 +97,13 @@ class FilterConfig(BacklogLimits):
     )
 
 
-@_asset()
-def source_posts_batch(
+def plan_window(
     context: dg.AssetExecutionContext,
     config: SourceBatchConfig,
     source_db: PostgresResource,
     analytical_db: PostgresResource,
-) -> dg.Output[PostWindow]:
-    """The next window of source post ids after the cursor (its bounds, not its rows)."""
+) -> PostWindow:
+    """The next window after the cursor (or a replay's start), from the current state."""
     cursor, cursor_origin = current_cursor(context.instance, analytical_db)
     if config.start_after_id is None:
         after_id = cursor
@@ -104,6 +117,7 @@ def source_posts_batch(
             connection, after_id, config.batch_size
         )
         highest_source_id = source.max_id(connection)
+        source_newest_at = source.newest_post_time(connection)
     window = PostWindow(
         read_after_id=read_after_id,
         after_id=after_id,
@@ -113,6 +127,7 @@ def source_posts_batch(
         source_max_id=highest_source_id,
         cursor_origin=cursor_origin,
         first_new_id=first_id,
+        source_newest_at=source_newest_at.isoformat() if source_newest_at else None,
     )
     context.log.info(
         "Window %s: %d new posts after id %s (cursor from %s); source max id %s",
@@ -124,6 +139,37 @@ def source_posts_batch(
     )
     if window.replay_note():
         context.log.warning("Replay: %s", window.replay_note())
+    return window
+
+
+@contextmanager
+def retrying_transient_errors(context: dg.AssetExecutionContext) -> Iterator[None]:
+    """Retry the step after 1, 2 and 4 s on a transient database error, and on nothing else.
+
+    Transient: a dropped connection, an unreachable server, a serialization failure, a row
+    written behind the advisory lock (the retry merges). A refused login, a missing table, a
+    bad config or a bug fail the step at once: retrying cannot help them.
+    """
+    try:
+        yield
+    except (DatabaseUnavailableError, psycopg.Error) as error:
+        if isinstance(error, psycopg.Error) and is_permanent(error):
+            raise
+        raise dg.RetryRequested(
+            max_retries=MAX_RETRIES, seconds_to_wait=2**context.retry_number
+        ) from error
+
+
+@_asset(io_manager_key=WINDOW_IO_MANAGER_KEY)
+def source_posts_batch(
+    context: dg.AssetExecutionContext,
+    config: SourceBatchConfig,
+    source_db: PostgresResource,
+    analytical_db: PostgresResource,
+) -> dg.Output[PostWindow]:
+    """The next window of source post ids after the cursor (its bounds, not its rows)."""
+    with retrying_transient_errors(context):
+        window = plan_window(context, config, source_db, analytical_db)
     return dg.Output(window, metadata=window.metadata())
 
 
@@ -138,7 +184,7 @@ def source_posts_batch(
 def filtered_posts(
     context: dg.AssetExecutionContext,
     config: FilterConfig,
-    source_posts_batch: PostWindow,
+    source_posts_batch: PostWindow | None,
     source_db: PostgresResource,
     analytical_db: PostgresResource,
 ) -> dg.MaterializeResult:
@@ -147,7 +193,22 @@ def filtered_posts(
     Rejected posts go to `posts_rejected` with their reason. `last_processed_id` in this
     asset's metadata is the pipeline's cursor.
     """
-    window = source_posts_batch
+    with retrying_transient_errors(context):
+        return _load_window(context, config, source_posts_batch, source_db, analytical_db)
+
+
+def _load_window(
+    context: dg.AssetExecutionContext,
+    config: FilterConfig,
+    window: PostWindow | None,
+    source_db: PostgresResource,
+    analytical_db: PostgresResource,
+) -> dg.MaterializeResult:
+    if window is None:
+        # filtered_posts alone (the UI's Materialize button, `dagster asset materialize`): no
+        # window was planned in this run, and a stored one would be stale.
+        context.log.info("No window from source_posts_batch in this run: planning one now.")
+        window = plan_window(context, SourceBatchConfig(), source_db, analytical_db)
     with analytical_db.connect() as connection:
         analytical.ensure_tables(connection)
     started = time.monotonic()
@@ -172,9 +233,7 @@ def filtered_posts(
             load.lock_wait_seconds,
         )
     with analytical_db.connect() as connection:
-        posts_rows = load.posts_rows
-        if posts_rows is None:
-            posts_rows = analytical.posts_row_count(connection)
+        state = read_posts_state(connection, load.posts_rows)
         checks = [
             check_post_ids_are_unique(connection),
             check_backlog(window.ids_behind_source, config),
@@ -188,7 +247,7 @@ def filtered_posts(
         metadata={
             "dagster/table_name": analytical.posts.name,
             "dagster/column_schema": column_schema(analytical.posts),
-            "dagster/row_count": posts_rows,
+            **state.metadata(window),
             **preview,
             **window.cursor_metadata(),
             **load.metadata(seconds),

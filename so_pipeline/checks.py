@@ -3,6 +3,8 @@
 (The checks evaluated with every window are in window_checks.)
 """
 
+from dataclasses import dataclass
+
 import dagster as dg
 import sqlalchemy as sa
 
@@ -31,16 +33,35 @@ def _bucket_counts(
         return {int(k): int(count) for k, count in execute(connection, query).fetchall()}
 
 
-def _first_mismatch(
+@dataclass(frozen=True)
+class BucketComparison:
+    """Source and analytical id counts per bucket over one id range."""
+
+    source: dict[int, int]
+    analytical: dict[int, int]
+
+    def first_mismatch(self) -> tuple[int, int, int] | None:
+        """(bucket, source count, analytical count) of the first bucket that differs."""
+        for key in sorted(set(self.source) | set(self.analytical)):
+            if self.source.get(key, 0) != self.analytical.get(key, 0):
+                return key, self.source.get(key, 0), self.analytical.get(key, 0)
+        return None
+
+    def metadata(self) -> dict[str, int]:
+        return {
+            "source_posts_compared": sum(self.source.values()),
+            "analytical_posts_and_rejected_compared": sum(self.analytical.values()),
+            "buckets_compared": len(set(self.source) | set(self.analytical)),
+        }
+
+
+def _compare(
     source_db: PostgresResource, analytical_db: PostgresResource, bucket: int, low: int, high: int
-) -> tuple[int, int, int] | None:
-    """(first bucket, source count, analytical count) of the first bucket that differs."""
-    source = _bucket_counts(source_db, source_posts, bucket, low, high)
-    analytical = _bucket_counts(analytical_db, processed_ids(), bucket, low, high)
-    for key in sorted(set(source) | set(analytical)):
-        if source.get(key, 0) != analytical.get(key, 0):
-            return key, source.get(key, 0), analytical.get(key, 0)
-    return None
+) -> BucketComparison:
+    return BucketComparison(
+        source=_bucket_counts(source_db, source_posts, bucket, low, high),
+        analytical=_bucket_counts(analytical_db, processed_ids(), bucket, low, high),
+    )
 
 
 @dg.asset_check(
@@ -56,12 +77,14 @@ def reconciled_with_source(
     cursor = cursor_from_history(context.instance)
     if cursor is None:
         return dg.AssetCheckResult(passed=True, metadata={"ids_checked_up_to": "none yet"})
-    mismatch = _first_mismatch(source_db, analytical_db, COARSE_BUCKET_IDS, _LOWEST_ID, cursor)
+    comparison = _compare(source_db, analytical_db, COARSE_BUCKET_IDS, _LOWEST_ID, cursor)
+    mismatch = comparison.first_mismatch()
+    counts = {"ids_checked_up_to": cursor, **comparison.metadata()}
     if mismatch is None:
-        return dg.AssetCheckResult(passed=True, metadata={"ids_checked_up_to": cursor})
+        return dg.AssetCheckResult(passed=True, metadata=counts)
     size, start = COARSE_BUCKET_IDS, mismatch[0] * COARSE_BUCKET_IDS
     high = min(cursor, start + COARSE_BUCKET_IDS - 1)
-    refined = _first_mismatch(source_db, analytical_db, FINE_BUCKET_IDS, start - 1, high)
+    refined = _compare(source_db, analytical_db, FINE_BUCKET_IDS, start - 1, high).first_mismatch()
     if refined is not None:
         mismatch, size = refined, FINE_BUCKET_IDS
     first_id = mismatch[0] * size
@@ -76,7 +99,7 @@ def reconciled_with_source(
             "first_mismatching_ids": range_text,
             "source_posts": source_count,
             "analytical_posts_and_rejected": analytical_count,
-            "ids_checked_up_to": cursor,
+            **counts,
         },
     )
 

@@ -14,6 +14,7 @@ from so_pipeline.jobs import (
     stackoverflow_posts_schedule,
 )
 from so_pipeline.resources import PostgresResource
+from so_pipeline.window_io import WINDOW_IO_MANAGER_KEY, WindowIOManager
 
 defs = dg.Definitions(
     assets=[source_posts_batch, filtered_posts],
@@ -22,6 +23,7 @@ defs = dg.Definitions(
     schedules=[stackoverflow_posts_schedule, reconciliation_schedule],
     sensors=[stackoverflow_posts_catch_up_sensor],
     resources={
+        WINDOW_IO_MANAGER_KEY: WindowIOManager(),
         "source_db": PostgresResource(
             resource_name="source_db", url=dg.EnvVar("SO_SOURCE_DATABASE_URL")
         ),

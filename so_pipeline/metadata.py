@@ -14,9 +14,17 @@ def numbers(values: dict[str, int | float | None]) -> dict[str, int | float]:
     return {key: value for key, value in values.items() if value is not None}
 
 
+def labels(values: dict[str, object | None]) -> dict[str, dg.MetadataValue]:
+    """Values shown as text, not plotted: ids of a window, settings (unknowns left out)."""
+    return {key: dg.MetadataValue.text(str(v)) for key, v in values.items() if v is not None}
+
+
 def column_schema(table: sa.Table) -> dg.TableSchema:
     return dg.TableSchema(
-        columns=[dg.TableColumn(column.name, type_name(column)) for column in table.columns]
+        columns=[
+            dg.TableColumn(column.name, type_name(column), description=column.doc)
+            for column in table.columns
+        ]
     )
 
 

@@ -4,9 +4,12 @@ Rows leave the source as binary COPY data cast to exactly the analytical column 
 COPY requires it), so the column lists below come from the analytical table definitions.
 """
 
+from datetime import datetime
+
 import psycopg
 import sqlalchemy as sa
 from psycopg import sql
+from sqlalchemy.dialects import postgresql as pg
 
 from so_pipeline.analytical_posts import copied_columns, post_fields, posts, posts_rejected
 from so_pipeline.core_sql import execute, scalar, server_encoding
@@ -26,7 +29,9 @@ from so_pipeline.table_contract import (
 
 SOURCE_TABLE = "posts"
 
-source_posts = sa.table(SOURCE_TABLE, sa.column("id", sa.BigInteger))
+source_posts = sa.table(
+    SOURCE_TABLE, sa.column("id", sa.BigInteger), sa.column("creation_date", sa.DateTime)
+)
 _id = source_posts.c.id
 
 
@@ -95,6 +100,16 @@ def next_window_bounds(
 
 def max_id(connection: psycopg.Connection) -> int | None:
     return scalar(connection, sa.select(sa.func.max(_id)))
+
+
+def newest_post_time(connection: psycopg.Connection) -> datetime | None:
+    """creation_date (UTC) of the post with the highest id: read backwards on the primary key."""
+    query = (
+        sa.select(sa.cast(source_posts.c.creation_date, pg.TIMESTAMP(timezone=False)))
+        .order_by(_id.desc())
+        .limit(1)
+    )
+    return scalar(connection, query)
 
 
 def rows_after(connection: psycopg.Connection, cursor: int | None) -> int:

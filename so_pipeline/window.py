@@ -1,9 +1,15 @@
 """The id window one run processes, and how its ids are split between load paths."""
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from typing import Any
 
-from so_pipeline.metadata import numbers
+import dagster as dg
+
+from so_pipeline.metadata import labels, numbers
+
+# The window as a whole, in source_posts_batch's metadata (see window_io).
+WINDOW_METADATA_KEY = "window"
 
 # cursor_origin of a window that replays from start_after_id.
 REPLAY_ORIGIN = "start_after_id (replay)"
@@ -41,6 +47,7 @@ class PostWindow:
     source_max_id: int | None
     cursor_origin: str
     first_new_id: int | None = None
+    source_newest_at: str | None = None  # ISO creation_date of the source's highest id
 
     @property
     def is_empty(self) -> bool:
@@ -84,19 +91,24 @@ class PostWindow:
             f"({self.source_max_id}): nothing was read and the cursor stays at {self.cursor_before}"
         )
 
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, dg.MetadataValue]) -> "PostWindow":
+        """The window that `metadata()` recorded."""
+        return cls(**metadata[WINDOW_METADATA_KEY].value)  # type: ignore[arg-type]
+
     def metadata(self) -> dict[str, Any]:
-        """What `source_posts_batch` records about the window."""
+        """What `source_posts_batch` records about the window (all of it, under `window`)."""
         note = self.replay_note()
         return {
+            WINDOW_METADATA_KEY: dg.MetadataValue.json(asdict(self)),
             "cursor_origin": self.cursor_origin,
             **({"replay_note": note} if note else {}),
+            **self._bounds(),
+            **labels(
+                {"lookback_after_id": self.read_after_id, "window_first_id": self.first_new_id}
+            ),
             **numbers(
                 {
-                    "cursor_before": self.cursor_before,
-                    "window_after_id": self.after_id,
-                    "lookback_after_id": self.read_after_id,
-                    "window_first_id": self.first_new_id,
-                    "window_last_id": self.last_id,
                     "rows_in_window": self.new_rows,
                     "dagster/row_count": self.new_rows,
                     "source_max_id": self.source_max_id,
@@ -105,16 +117,21 @@ class PostWindow:
             ),
         }
 
-    def cursor_metadata(self) -> dict[str, int]:
-        """What `filtered_posts` records about the window: the cursor before and after."""
-        return numbers(
+    def cursor_metadata(self) -> dict[str, Any]:
+        """What `filtered_posts` records about the window: the cursor before and after.
+
+        The cursor is a number (its plot shows progress); the window's bounds are labels.
+        """
+        return {**numbers({CURSOR_METADATA_KEY: self.cursor_after}), **self._bounds()}
+
+    def _bounds(self) -> dict[str, dg.MetadataValue]:
+        return labels(
             {
-                CURSOR_METADATA_KEY: self.cursor_after,
                 "cursor_before": self.cursor_before,
                 "window_after_id": self.after_id,
                 "window_last_id": self.last_id,
             }
-        )  # type: ignore[return-value]
+        )
 
 
 @dataclass(frozen=True)

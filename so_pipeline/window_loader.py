@@ -22,7 +22,7 @@ from psycopg import sql
 from so_pipeline import analytical_posts as analytical
 from so_pipeline.copy_pipe import pipe_copy
 from so_pipeline.core_sql import scalar, server_encoding
-from so_pipeline.metadata import numbers
+from so_pipeline.metadata import labels, numbers
 from so_pipeline.post_rules import RejectReason, rule_params
 from so_pipeline.resources import PostgresResource
 from so_pipeline.source_posts import (
@@ -77,19 +77,20 @@ class WindowLoad:
         """What `filtered_posts` records about the load, `seconds` being its duration."""
         return {
             "load_path": "direct COPY" if self.wrote_directly else "staged merge",
+            **labels({"copy_streams": self.copy_streams}),
             **numbers(
                 {
                     "rows_read": self.rows_read,
                     "rows_loaded": self.loaded_rows,
                     "rows_already_present": self.already_present_rows,
                     "rows_rejected": self.newly_rejected_rows,
+                    "rows_already_rejected": self.rejected_rows - self.newly_rejected_rows,
                     **{
                         f"rejected_{reason}": self.newly_rejected_by_reason.get(reason, 0)
                         for reason in RejectReason
                     },
                     "duration_seconds": round(seconds, 3),
                     "lock_wait_seconds": round(self.lock_wait_seconds, 3),
-                    "copy_streams": self.copy_streams,
                     "rows_per_second": round(self.rows_read / seconds) if self.rows_read else None,
                 }
             ),

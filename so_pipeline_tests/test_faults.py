@@ -145,7 +145,7 @@ def test_a_failing_copy_stream_rolls_back_every_stream_of_the_window(
     rerun = run_job(instance, batch_size=1_000_000, copy_streams=2)
 
     assert rerun.success
-    assert rerun.metadata()["copy_streams"] == 2
+    assert rerun.metadata()["copy_streams"] == "2"
     assert databases.loaded_ids() == expected
 
 

@@ -80,7 +80,7 @@ def test_a_fully_rejected_window_still_advances_the_cursor(
 
     assert first.metadata()["rows_loaded"] == 0
     assert first.metadata()["last_processed_id"] == 3
-    assert second.metadata("source_posts_batch")["window_after_id"] == 3
+    assert second.metadata("source_posts_batch")["window_after_id"] == "3"
     assert databases.loaded_ids() == [9]
 
 

@@ -109,7 +109,7 @@ def test_parallel_copy_streams_load_exactly_what_one_stream_loads(
 
     with dg.DagsterInstance.ephemeral() as instance:
         parallel = run_job(instance, batch_size=1_000_000, copy_streams=3)
-    assert parallel.metadata()["copy_streams"] == 3
+    assert parallel.metadata()["copy_streams"] == "3"
     parallel_tables = databases.query("analytical", fingerprint) + databases.query(
         "analytical", rejected
     )
@@ -118,7 +118,7 @@ def test_parallel_copy_streams_load_exactly_what_one_stream_loads(
     monkeypatch.setenv("SO_ANALYTICAL_DATABASE_URL", one_stream)
     with dg.DagsterInstance.ephemeral() as instance:
         single = run_job(instance, batch_size=1_000_000, copy_streams=1)
-    assert single.metadata()["copy_streams"] == 1
+    assert single.metadata()["copy_streams"] == "1"
     single_db = PipelineDatabases(databases.source_url, one_stream)
 
     assert parallel_tables == single_db.query("analytical", fingerprint) + single_db.query(

@@ -184,7 +184,14 @@ class _LocalSetup:
         # servers it starts; default signal handling, since a shell that starts us in the
         # background (`&`, as scripts and service managers do) leaves SIGINT ignored, and
         # `dagster dev` stops on SIGINT.
-        process = subprocess.Popen(command, process_group=0, preexec_fn=_default_signals)
+        # Started in DAGSTER_HOME, beside the dagster.yaml it uses: from the repository, dagster
+        # dev would warn that the dagster.yaml there is not used.
+        process = subprocess.Popen(
+            command,
+            process_group=0,
+            preexec_fn=_default_signals,
+            cwd=os.environ["DAGSTER_HOME"],
+        )
         try:
             return process.wait()
         except KeyboardInterrupt:

@@ -1,0 +1,55 @@
+"""Where the analytical tables stand after a run: what an operator checks every morning."""
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import psycopg
+
+from so_pipeline import analytical_posts as analytical
+from so_pipeline.metadata import numbers
+from so_pipeline.window import PostWindow
+
+
+@dataclass(frozen=True)
+class PostsState:
+    posts_rows: int
+    rejected_by_reason: dict[str, int]
+    newest_loaded_at: datetime | None
+
+    def metadata(self, window: PostWindow) -> dict[str, Any]:
+        """Row counts, rejection totals, and the backlog in ids and in time."""
+        lag = None
+        if window.source_newest_at is not None and self.newest_loaded_at is not None:
+            source_newest = datetime.fromisoformat(window.source_newest_at)
+            lag = max(0.0, (source_newest - self.newest_loaded_at).total_seconds())
+        times = {
+            "source_newest_post_at": window.source_newest_at,
+            "loaded_newest_post_at": (
+                self.newest_loaded_at.isoformat() if self.newest_loaded_at else None
+            ),
+        }
+        return {
+            "dagster/row_count": self.posts_rows,
+            **{key: value for key, value in times.items() if value is not None},
+            **numbers(
+                {
+                    "ids_behind_source": window.ids_behind_source,
+                    "lag_seconds": lag,
+                    "rejected_total": sum(self.rejected_by_reason.values()),
+                    **{
+                        f"rejected_total_{reason}": rows
+                        for reason, rows in sorted(self.rejected_by_reason.items())
+                    },
+                }
+            ),
+        }
+
+
+def read_posts_state(connection: psycopg.Connection, posts_rows: int | None) -> PostsState:
+    """The state of the tables (`posts_rows` when the load already returned it)."""
+    return PostsState(
+        posts_rows=analytical.posts_row_count(connection) if posts_rows is None else posts_rows,
+        rejected_by_reason=analytical.rejected_totals(connection),
+        newest_loaded_at=analytical.newest_loaded_time(connection),
+    )
