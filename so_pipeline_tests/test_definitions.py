@@ -67,7 +67,7 @@ def _limits_on_the_job(limits: list[dict]) -> list[int]:
 
 def test_dagster_yaml_limits_the_job_to_one_run_at_a_time() -> None:
     settings = yaml.safe_load((REPO_ROOT / "dagster.yaml").read_text())
-    limits = settings["run_coordinator"]["config"]["tag_concurrency_limits"]
+    limits = settings["concurrency"]["runs"]["tag_concurrency_limits"]
     assert _limits_on_the_job(limits) == [1]
     assert settings["storage"]["postgres"]["postgres_url"] == {"env": "DAGSTER_PG_URL"}
 
@@ -153,7 +153,9 @@ def test_each_shipped_instance_config_loads_in_dagster(
 
         assert isinstance(storage, PostgresRunStorage)
         assert isinstance(coordinator, dg.QueuedRunCoordinator)
-        assert _limits_on_the_job(coordinator.get_run_queue_config().tag_concurrency_limits) == [1]
+        queue = instance.get_concurrency_config().run_queue_config  # what the daemon applies
+        assert queue is not None
+        assert _limits_on_the_job(queue.tag_concurrency_limits) == [1]
         if variant == "dagster.yaml":
             assert isinstance(instance.run_launcher, dg.DefaultRunLauncher)
 

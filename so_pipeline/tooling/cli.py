@@ -139,6 +139,7 @@ class _LocalSetup:
     def run_until_caught_up(self, batch_size: int) -> int:
         import dagster as dg
 
+        from so_pipeline.post_rules import RejectReason
         from so_pipeline.tooling.runs import materialization_metadata, runs_until_caught_up
 
         run_config = {
@@ -150,9 +151,8 @@ class _LocalSetup:
         with dg.DagsterInstance.get() as instance:
             for run_number, result in enumerate(runs_until_caught_up(instance, run_config), 1):
                 metadata = materialization_metadata(result, "filtered_posts")
-                totals.update(
-                    {k: v for k, v in metadata.items() if k.startswith(("rows_", "rejected_"))}
-                )
+                per_run = ("rows_loaded", "rows_rejected", *(f"rejected_{r}" for r in RejectReason))
+                totals.update({key: metadata[key] for key in per_run})
                 cursor = metadata["last_processed_id"]
                 print(
                     f"run {run_number}: ids ({metadata.get('window_after_id', 'start')}, "
