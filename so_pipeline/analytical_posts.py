@@ -4,7 +4,9 @@ Column lists, contracts, COPY and merge statements are all derived from the two 
 definitions below, so a new column is one edit here.
 """
 
+from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 import psycopg
 import sqlalchemy as sa
@@ -21,6 +23,7 @@ from so_pipeline.table_contract import (
     contract_problems,
     exact_types,
     id_is_unique_key,
+    type_name,
 )
 
 # Serialises the pipeline's writers on the analytical database (any runs, any processes).
@@ -48,6 +51,19 @@ def post_fields() -> list[sa.Column]:
     ]
 
 
+def soft_delete_columns() -> list[sa.Column]:
+    """Columns the pipeline manages itself (never copied from the source)."""
+    return [
+        sa.Column(
+            "deleted_at",
+            pg.TIMESTAMP(timezone=True),
+            info={"managed": True},
+            doc="When the reconciliation found the post gone from the source (NULL: it is "
+            "there). Analysts filter deleted_at IS NULL.",
+        )
+    ]
+
+
 metadata = sa.MetaData()
 
 posts = sa.Table(
@@ -60,6 +76,7 @@ posts = sa.Table(
         server_default=sa.func.now(),
         doc="When the pipeline loaded the row.",
     ),
+    *soft_delete_columns(),
 )
 
 # Every source row the rules turned away, with the reason, so nothing is dropped silently.
@@ -76,6 +93,7 @@ posts_rejected = sa.Table(
         server_default=sa.func.now(),
         doc="When the pipeline rejected the row.",
     ),
+    *soft_delete_columns(),
 )
 
 TABLES = (posts, posts_rejected)
@@ -118,8 +136,12 @@ _COUNT_TRIGGERS = {
 
 
 def copied_columns(table: sa.Table) -> tuple[str, ...]:
-    """The columns the pipeline writes (the others are filled in by their defaults)."""
-    return tuple(column.name for column in table.columns if column.server_default is None)
+    """The columns copied from the source (the others: defaults, or managed by the pipeline)."""
+    return tuple(
+        column.name
+        for column in table.columns
+        if column.server_default is None and not column.info.get("managed")
+    )
 
 
 def _copied(table: sa.Table) -> list[sa.Column]:
@@ -146,7 +168,24 @@ def ensure_tables(connection: psycopg.Connection) -> None:
                 )
         for table in metadata.sorted_tables:
             execute(connection, sa.schema.CreateTable(table, if_not_exists=True))
+        _add_missing_managed_columns(connection)
         _keep_row_counts(connection)
+
+
+def _add_missing_managed_columns(connection: psycopg.Connection) -> None:
+    """Upgrade tables made by an earlier release in place: a nullable column without a default
+    is added without rewriting the table, and nothing is reloaded."""
+    for table in TABLES:
+        actual = column_types(connection, table.name)
+        for column in table.columns:
+            if column.info.get("managed") and column.name not in actual:
+                connection.execute(
+                    sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}").format(
+                        sql.Identifier(table.name),
+                        sql.Identifier(column.name),
+                        sql.SQL(type_name(column)),
+                    )
+                )
 
 
 def _keep_row_counts(connection: psycopg.Connection) -> None:
@@ -215,41 +254,140 @@ def copy_in(table: sa.Table | str, columns: tuple[str, ...]) -> sql.Composed:
     )
 
 
-def create_staging_table(connection: psycopg.Connection, table: sa.Table) -> str:
-    """A temporary twin of `table`, dropped at commit, that COPY fills before a merge."""
-    staged = f"{table.name}_incoming"
-    connection.execute(
-        sql.SQL("CREATE TEMPORARY TABLE {} (LIKE {} INCLUDING DEFAULTS) ON COMMIT DROP").format(
-            sql.Identifier(staged), sql.Identifier(table.name)
-        )
+# Classified source rows (kept: reason NULL) in the layout of posts_rejected's copied columns.
+CLASSIFIED_COLUMNS = copied_columns(posts_rejected)
+
+
+def create_classified_staging(connection: psycopg.Connection) -> sa.Table:
+    """A temporary table, dropped at commit, that COPY fills with classified source rows."""
+    staged = sa.Table(
+        "posts_incoming",
+        sa.MetaData(),
+        *post_fields(),
+        sa.Column("reason", sa.Text),
+        prefixes=["TEMPORARY"],
+        postgresql_on_commit="DROP",
     )
+    execute(connection, sa.schema.CreateTable(staged))
     return staged
 
 
-def _merge(table: sa.Table, staged: str) -> pg.Insert:
-    """Insert the staged rows whose ids `table` does not hold yet (idempotent)."""
-    columns = copied_columns(table)
-    source = sa.table(staged, *(sa.column(name) for name in columns))
-    return (
-        pg.insert(table)
-        .from_select(columns, sa.select(*source.c))
-        .on_conflict_do_nothing(index_elements=["id"])
+@dataclass(frozen=True)
+class Applied:
+    """What applying staged source rows did to the analytical tables."""
+
+    kept_rows: int = 0
+    rejected_rows: int = 0
+    inserted_rows: int = 0
+    updated_rows: int = 0
+    restored_rows: int = 0
+    newly_rejected_by_reason: dict[str, int] = field(default_factory=dict)
+
+
+def _differs(table: sa.Table, other: sa.ColumnCollection, names: list[str]) -> sa.ColumnElement:
+    ours = sa.tuple_(*(table.c[name] for name in names))
+    return ours.is_distinct_from(sa.tuple_(*(other[name] for name in names)))
+
+
+def apply_classified(connection: psycopg.Connection, staged: sa.Table) -> Applied:
+    """Make the analytical tables hold the staged rows' current values, under the rules.
+
+    A kept row is inserted into posts or updated there (only if a value differs), and leaves
+    posts_rejected; a rejected row goes to posts_rejected with its reason (rewritten only if
+    something differs) and leaves posts. A soft-deleted row that is staged (it is at the source
+    again) is restored. Rows whose values did not change are not written. No id ends in both.
+    The caller adds `inserted_rows` to the posts row count (deletions count themselves).
+    """
+    new = staged.c
+    kept = new.reason.is_(None)
+    kept_rows, rejected_rows = execute(
+        connection,
+        sa.select(sa.func.count().filter(kept), sa.func.count().filter(sa.not_(kept))).select_from(
+            staged
+        ),
+    ).fetchone()  # type: ignore[misc]
+    restored = scalar(
+        connection,
+        sa.select(sa.func.count())
+        .select_from(staged)
+        .where(
+            sa.or_(
+                *(
+                    sa.exists().where(table.c.id == new.id, table.c.deleted_at.is_not(None))
+                    for table in TABLES
+                )
+            )
+        ),
+    )
+    rejected_fields = [name for name in CLASSIFIED_COLUMNS if name != "id"]
+    execute(
+        connection,
+        sa.delete(posts_rejected).where(
+            posts_rejected.c.id == new.id,
+            sa.or_(
+                kept,
+                _differs(posts_rejected, new, rejected_fields),
+                posts_rejected.c.deleted_at.is_not(None),
+            ),
+        ),
+    )
+    execute(connection, sa.delete(posts).where(posts.c.id == new.id, sa.not_(kept)))
+    added = _insert_rejected(connection, staged)
+    inserted, updated = _upsert_posts(connection, staged)
+    return Applied(
+        kept_rows=kept_rows,
+        rejected_rows=rejected_rows,
+        inserted_rows=inserted,
+        updated_rows=updated,
+        restored_rows=restored,
+        newly_rejected_by_reason=added,
     )
 
 
-def merge_posts(connection: psycopg.Connection, staged: str) -> int:
-    """Rows of `staged` added to `posts`."""
-    return execute(connection, _merge(posts, staged)).rowcount
-
-
-def merge_rejected(connection: psycopg.Connection, staged: str) -> dict[str, int]:
-    """Add the staged rejected rows that are new; return their count by reason."""
-    inserted = _merge(posts_rejected, staged).returning(posts_rejected.c.reason).cte("inserted")
+def _insert_rejected(connection: psycopg.Connection, staged: sa.Table) -> dict[str, int]:
+    """Insert the staged rejected rows that posts_rejected lacks; return them by reason."""
+    columns = list(CLASSIFIED_COLUMNS)
+    rows = sa.select(*(staged.c[name] for name in columns)).where(staged.c.reason.is_not(None))
+    inserted = (
+        pg.insert(posts_rejected)
+        .from_select(columns, rows)
+        .on_conflict_do_nothing(index_elements=["id"])
+        .returning(posts_rejected.c.reason)
+        .cte("inserted")
+    )
     by_reason = sa.select(inserted.c.reason, sa.func.count()).group_by(inserted.c.reason)
     added = dict(execute(connection, by_reason).fetchall())
-    for reason, rows in added.items():
-        add_to_row_count(connection, rows, _REJECTED_KEY_PREFIX + reason)
+    for reason, count in added.items():
+        add_to_row_count(connection, count, _REJECTED_KEY_PREFIX + reason)
     return added
+
+
+def _upsert_posts(connection: psycopg.Connection, staged: sa.Table) -> tuple[int, int]:
+    """Insert or update the staged kept rows in posts; return (inserted, updated)."""
+    columns = list(copied_columns(posts))
+    fields = [name for name in columns if name != "id"]
+    rows = sa.select(*(staged.c[name] for name in columns)).where(staged.c.reason.is_(None))
+    insert = pg.insert(posts).from_select(columns, rows)
+    upsert: Any = insert.on_conflict_do_update(
+        index_elements=["id"],
+        set_={**{name: insert.excluded[name] for name in fields}, "deleted_at": None},
+        where=sa.or_(_differs(posts, insert.excluded, fields), posts.c.deleted_at.is_not(None)),
+    ).returning(sa.literal_column("xmax = 0").label("inserted"))
+    written = upsert.cte("written")
+    counts = sa.select(
+        sa.func.count().filter(written.c.inserted), sa.func.count().filter(~written.c.inserted)
+    )
+    inserted, updated = execute(connection, counts).fetchone()  # type: ignore[misc]
+    return inserted, updated
+
+
+def drop_rejected_twins(connection: psycopg.Connection, after_id: int | None, last_id: int) -> int:
+    """Remove from posts_rejected the ids of (after_id, last_id] that posts now holds."""
+    rejected = posts_rejected.c
+    in_range = [rejected.id <= last_id, rejected.id == posts.c.id]
+    if after_id is not None:
+        in_range.append(rejected.id > after_id)
+    return execute(connection, sa.delete(posts_rejected).where(*in_range)).rowcount
 
 
 def rejected_totals(connection: psycopg.Connection) -> dict[str, int]:

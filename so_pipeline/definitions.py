@@ -4,6 +4,7 @@ import gc
 
 import dagster as dg
 
+from so_pipeline.alerts import failure_alerts, success_alerts
 from so_pipeline.assets import filtered_posts, source_posts_batch
 from so_pipeline.checks import loaded_bodies_are_not_blank, reconciled_with_source
 from so_pipeline.jobs import (
@@ -21,7 +22,7 @@ defs = dg.Definitions(
     asset_checks=[reconciled_with_source, loaded_bodies_are_not_blank],
     jobs=[stackoverflow_posts_job, reconciliation_job],
     schedules=[stackoverflow_posts_schedule, reconciliation_schedule],
-    sensors=[stackoverflow_posts_catch_up_sensor],
+    sensors=[stackoverflow_posts_catch_up_sensor, failure_alerts, success_alerts],
     resources={
         WINDOW_IO_MANAGER_KEY: WindowIOManager(),
         "source_db": PostgresResource(

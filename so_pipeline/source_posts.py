@@ -172,9 +172,11 @@ def _copy_out(table: sa.Table, condition: str) -> sql.Composed:
     )
 
 
-# The kept rows of a window as `posts` rows, and the rejected ones as `posts_rejected` rows.
+# The kept rows of a window as `posts` rows; the rejected ones, or all, classified (with their
+# reason, NULL when kept) in posts_rejected's layout.
 COPY_KEPT_POSTS = _copy_out(posts, "reason IS NULL")
 COPY_REJECTED_POSTS = _copy_out(posts_rejected, "reason IS NOT NULL")
+COPY_CLASSIFIED_POSTS = _copy_out(posts_rejected, "true")
 
 
 def range_params(after_id: int | None, last_id: int, rules: dict[str, object]) -> dict[str, object]:

@@ -26,6 +26,7 @@ from so_pipeline.metadata import labels, numbers
 from so_pipeline.post_rules import RejectReason, rule_params
 from so_pipeline.resources import PostgresResource
 from so_pipeline.source_posts import (
+    COPY_CLASSIFIED_POSTS,
     COPY_KEPT_POSTS,
     COPY_REJECTED_POSTS,
     range_params,
@@ -46,6 +47,8 @@ class WindowLoad:
 
     kept_rows: int = 0
     loaded_rows: int = 0
+    updated_rows: int = 0  # kept rows re-read with new values (an edit, a fix at the source)
+    restored_rows: int = 0  # soft-deleted rows found at the source again
     rejected_rows: int = 0
     newly_rejected_by_reason: dict[str, int] = field(default_factory=dict)
     wrote_directly: bool = False
@@ -55,7 +58,8 @@ class WindowLoad:
 
     @property
     def already_present_rows(self) -> int:
-        return self.kept_rows - self.loaded_rows
+        """Kept rows re-read and found in posts with the same values."""
+        return self.kept_rows - self.loaded_rows - self.updated_rows
 
     @property
     def newly_rejected_rows(self) -> int:
@@ -83,6 +87,8 @@ class WindowLoad:
                     "rows_read": self.rows_read,
                     "rows_loaded": self.loaded_rows,
                     "rows_already_present": self.already_present_rows,
+                    "rows_updated": self.updated_rows,
+                    "rows_restored": self.restored_rows,
                     "rows_rejected": self.newly_rejected_rows,
                     "rows_already_rejected": self.rejected_rows - self.newly_rejected_rows,
                     **{
@@ -143,22 +149,30 @@ class WindowLoader:
                 plan = plan_load(window, analytical.highest_loaded_id(target))
                 ranges = [] if plan.direct is None else self._cut(source, plan.direct, window)
                 with _DirectCopy(self, source, target, ranges) as direct:
-                    kept = loaded = 0
-                    if plan.merged:
-                        staged = analytical.create_staging_table(target, analytical.posts)
-                        for id_range in plan.merged:
-                            kept += self.copy_kept(source, target, id_range, staged)
-                        loaded = analytical.merge_posts(target, staged)
-                    rejected, newly_rejected = self._merge_rejected(source, target, window)
+                    staged = analytical.create_classified_staging(target)
+                    for id_range in plan.merged:
+                        self._stage(source, target, COPY_CLASSIFIED_POSTS, id_range, staged)
+                    if plan.direct is not None:
+                        self._stage(source, target, COPY_REJECTED_POSTS, plan.direct, staged)
                 # 1. Leaving that block committed the parallel streams (they had all finished),
-                # each with its rows added to the row count; now the main pair's rows.
-                posts_rows = analytical.add_to_row_count(target, loaded + direct.main_pair_rows)
+                # each with its rows added to the row count. Only now may the main transaction
+                # write the count (a stream waiting on its row lock would wait forever): apply
+                # the staged rows, count the main pair's, and let no id the direct COPY wrote
+                # stay in posts_rejected.
+                applied = analytical.apply_classified(target, staged)
+                posts_rows = analytical.add_to_row_count(
+                    target, applied.inserted_rows + direct.main_pair_rows
+                )
+                if plan.direct is not None:
+                    analytical.drop_rejected_twins(target, *plan.direct)
             # 2. Leaving this block committed the main transaction, releasing the lock last.
         return WindowLoad(
-            kept_rows=kept + direct.rows,
-            loaded_rows=loaded + direct.rows,
-            rejected_rows=rejected,
-            newly_rejected_by_reason=newly_rejected,
+            kept_rows=applied.kept_rows + direct.rows,
+            loaded_rows=applied.inserted_rows + direct.rows,
+            updated_rows=applied.updated_rows,
+            restored_rows=applied.restored_rows,
+            rejected_rows=applied.rejected_rows,
+            newly_rejected_by_reason=applied.newly_rejected_by_reason,
             wrote_directly=plan.direct is not None,
             lock_wait_seconds=lock_wait,
             copy_streams=max(len(ranges), 1),
@@ -176,31 +190,24 @@ class WindowLoader:
         return cut_ranges(id_range, cuts)
 
     def copy_kept(
+        self, source: psycopg.Connection, target: psycopg.Connection, id_range: IdRange
+    ) -> int:
+        """Copy the kept posts of `id_range` straight into `posts`."""
+        params = range_params(*id_range, self._rules)
+        return pipe_copy(source, COPY_KEPT_POSTS, params, target, _COPY_INTO_POSTS)
+
+    def _stage(
         self,
         source: psycopg.Connection,
         target: psycopg.Connection,
+        copy_out: sql.Composed,
         id_range: IdRange,
-        staged: str | None = None,
+        staged: sa.Table,
     ) -> int:
-        """Copy the kept posts of `id_range` into `posts`, or into the staging table `staged`."""
+        """Copy classified rows of `id_range` (`copy_out` chooses which) into `staged`."""
         params = range_params(*id_range, self._rules)
-        copy_in = (
-            _COPY_INTO_POSTS
-            if staged is None
-            else analytical.copy_in(staged, analytical.copied_columns(analytical.posts))
-        )
-        return pipe_copy(source, COPY_KEPT_POSTS, params, target, copy_in)
-
-    def _merge_rejected(
-        self, source: psycopg.Connection, target: psycopg.Connection, window: PostWindow
-    ) -> tuple[int, dict[str, int]]:
-        """Merge the window's rejected rows; return (rows rejected, new rejections by reason)."""
-        assert window.last_id is not None
-        params = range_params(window.read_after_id, window.last_id, self._rules)
-        staged = analytical.create_staging_table(target, analytical.posts_rejected)
-        copy_in = analytical.copy_in(staged, analytical.copied_columns(analytical.posts_rejected))
-        rejected = pipe_copy(source, COPY_REJECTED_POSTS, params, target, copy_in)
-        return rejected, analytical.merge_rejected(target, staged)
+        copy_in = analytical.copy_in(staged.name, analytical.CLASSIFIED_COLUMNS)
+        return pipe_copy(source, copy_out, params, target, copy_in)
 
     def open_stream_pair(
         self, connections: ExitStack, snapshot: str

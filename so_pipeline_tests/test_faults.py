@@ -155,7 +155,7 @@ def test_a_row_written_behind_the_pipelines_back_is_merged_by_the_retry(
     """A writer that skips the advisory lock puts an id into the window while COPY runs.
 
     The direct COPY then hits a unique violation; the retry sees the id loaded, takes the
-    staged merge and keeps the intruder's row.
+    staged merge, and gives that row the source's current values (as an edit would).
     """
     expected = generate_source_posts(databases.source_url, 20_000)
     with psycopg.connect(databases.analytical_url, autocommit=True) as connection:
@@ -180,10 +180,11 @@ def test_a_row_written_behind_the_pipelines_back_is_merged_by_the_retry(
     assert "duplicate key value violates unique constraint" in str(retried[0].event_specific_data)
     assert outcome.metadata()["load_path"] == "staged merge"
     assert outcome.metadata()["rows_loaded"] == len(expected) - 1
+    assert outcome.metadata()["rows_updated"] == 1
     assert databases.loaded_ids() == expected
     assert databases.query(
         "analytical", "SELECT title FROM posts WHERE id = %s", [intruder_id]
-    ) == [("intruder",)]
+    ) == [(f"t{intruder_id}",)]
 
 
 def _copy_waits_for_a_transaction(url: str) -> bool:
