@@ -144,30 +144,38 @@ def split_id_range(
     return cuts
 
 
-# Rows of the window with their reject `reason` (NULL when kept), each column cast to its
-# analytical type.
-_CLASSIFIED_WINDOW = sql.SQL(
-    """SELECT {fields}, {reason} AS reason FROM {table}
-    WHERE (%(after_id)s::bigint IS NULL OR id > %(after_id)s::bigint)
-      AND id <= %(last_id)s::bigint"""
-).format(
-    fields=sql.SQL(", ").join(
-        sql.SQL("{}::{} AS {}").format(
-            sql.Identifier(column.name),
-            sql.SQL(type_name(column)),
-            sql.Identifier(column.name),
-        )
-        for column in post_fields()
-    ),
-    reason=sql.SQL(REJECT_REASON_SQL),
-    table=sql.Identifier(SOURCE_TABLE),
+_FIELDS = sql.SQL(", ").join(
+    sql.SQL("{}::{} AS {}").format(
+        sql.Identifier(column.name), sql.SQL(type_name(column)), sql.Identifier(column.name)
+    )
+    for column in post_fields()
 )
+_IN_ID_RANGE = sql.SQL(
+    "(%(after_id)s::bigint IS NULL OR id > %(after_id)s::bigint) AND id <= %(last_id)s::bigint"
+)
+
+
+_NO_EXTRA = sql.SQL("")
+
+
+def _classified(condition: sql.Composable, extra: sql.Composable = _NO_EXTRA) -> sql.Composed:
+    """Source rows meeting `condition` with their reject `reason` (NULL when kept), each column
+    cast to its analytical type; `extra` adds columns."""
+    return sql.SQL(
+        "SELECT {fields}, {reason} AS reason{extra} FROM {table} WHERE {condition}"
+    ).format(
+        fields=_FIELDS,
+        reason=sql.SQL(REJECT_REASON_SQL),
+        extra=extra,
+        table=sql.Identifier(SOURCE_TABLE),
+        condition=condition,
+    )
 
 
 def _copy_out(table: sa.Table, condition: str) -> sql.Composed:
     return sql.SQL("COPY (SELECT {} FROM ({}) w WHERE {}) TO STDOUT (FORMAT binary)").format(
         sql.SQL(", ").join(map(sql.Identifier, copied_columns(table))),
-        _CLASSIFIED_WINDOW,
+        _classified(_IN_ID_RANGE),
         sql.SQL(condition),
     )
 
@@ -177,6 +185,45 @@ def _copy_out(table: sa.Table, condition: str) -> sql.Composed:
 COPY_KEPT_POSTS = _copy_out(posts, "reason IS NULL")
 COPY_REJECTED_POSTS = _copy_out(posts_rejected, "reason IS NOT NULL")
 COPY_CLASSIFIED_POSTS = _copy_out(posts_rejected, "true")
+
+# Name of the extra column that carries the change column's value in change COPYs.
+CHANGED_AT = "changed_at"
+
+
+def copy_changed_posts(change_column: str) -> sql.Composed:
+    """Classified rows changed after a keyset position on (`change_column`, id), oldest first.
+
+    Parameters: `after_at` and `after_id` (the position; `after_id` NULL means every id at
+    `after_at` too), `up_to_id` (only ids the id cursor has passed), `limit`, and the rules'.
+    """
+    changed = sql.Identifier(change_column)
+    condition = sql.SQL(
+        "id <= %(up_to_id)s::bigint AND {changed} IS NOT NULL AND ("
+        "{changed} > %(after_at)s::timestamp OR ({changed} = %(after_at)s::timestamp AND "
+        "(%(after_id)s::bigint IS NULL OR id > %(after_id)s::bigint))) "
+        "ORDER BY {changed}, id LIMIT %(limit)s"
+    ).format(changed=changed)
+    extra = sql.SQL(", {}::timestamp AS {}").format(changed, sql.Identifier(CHANGED_AT))
+    columns = [*copied_columns(posts_rejected), CHANGED_AT]
+    return sql.SQL("COPY ({} ) TO STDOUT (FORMAT binary)").format(
+        sql.SQL("SELECT {} FROM ({}) w").format(
+            sql.SQL(", ").join(map(sql.Identifier, columns)), _classified(condition, extra)
+        )
+    )
+
+
+def copy_posts_by_id() -> sql.Composed:
+    """Classified rows whose ids are in the array parameter `ids` (a repair)."""
+    return sql.SQL("COPY (SELECT {} FROM ({}) w) TO STDOUT (FORMAT binary)").format(
+        sql.SQL(", ").join(map(sql.Identifier, copied_columns(posts_rejected))),
+        _classified(sql.SQL("id = ANY(%(ids)s::bigint[])")),
+    )
+
+
+def latest_change(connection: psycopg.Connection, change_column: str) -> datetime | None:
+    """The highest value of the change column (a full scan without an index on it: once)."""
+    column = sa.cast(sa.column(change_column), pg.TIMESTAMP(timezone=False))
+    return scalar(connection, sa.select(sa.func.max(column)).select_from(source_posts))
 
 
 def range_params(after_id: int | None, last_id: int, rules: dict[str, object]) -> dict[str, object]:

@@ -165,6 +165,8 @@ def job_run_config(
     require_owner: bool | None = None,
     lookback_ids: int | None = None,
     copy_streams: int | None = None,
+    change_column: str | None = None,
+    change_lookback_seconds: int | None = None,
 ) -> dict[str, Any]:
     """stackoverflow_posts_job's run config with the given options (the others: defaults)."""
 
@@ -172,7 +174,12 @@ def job_run_config(
         return {name: value for name, value in options.items() if value is not None}
 
     batch = given(batch_size=batch_size, start_after_id=start_after_id, lookback_ids=lookback_ids)
-    load = given(require_owner=require_owner, copy_streams=copy_streams)
+    load = given(
+        require_owner=require_owner,
+        copy_streams=copy_streams,
+        change_column=change_column,
+        change_lookback_seconds=change_lookback_seconds,
+    )
     return {"ops": {"source_posts_batch": {"config": batch}, "filtered_posts": {"config": load}}}
 
 
