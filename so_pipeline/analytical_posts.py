@@ -172,9 +172,7 @@ def ensure_tables(connection: psycopg.Connection) -> None:
         for table in metadata.sorted_tables:
             execute(connection, sa.schema.CreateTable(table, if_not_exists=True))
         _add_missing_managed_columns(connection)
-        for table in TABLES:
-            for index in table.indexes:
-                execute(connection, sa.schema.CreateIndex(index, if_not_exists=True))
+        _add_missing_indexes(connection)
         _keep_row_counts(connection)
 
 
@@ -192,6 +190,15 @@ def _add_missing_managed_columns(connection: psycopg.Connection) -> None:
                         sql.SQL(type_name(column)),
                     )
                 )
+
+
+def _add_missing_indexes(connection: psycopg.Connection) -> None:
+    """Create the partial indexes that are missing (only then: CREATE INDEX locks the table
+    against writers, even with IF NOT EXISTS)."""
+    for table in TABLES:
+        for index in table.indexes:
+            if scalar(connection, sa.select(sa.func.to_regclass(index.name))) is None:
+                execute(connection, sa.schema.CreateIndex(index, if_not_exists=True))
 
 
 def _keep_row_counts(connection: psycopg.Connection) -> None:

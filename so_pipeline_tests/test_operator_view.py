@@ -167,9 +167,9 @@ def test_the_reconciliation_check_reports_what_it_compared_when_it_passes(
 
     assert evaluation.passed
     counts = {k: v.value for k, v in evaluation.metadata.items()}
-    assert counts["source_posts_compared"] == 5
-    assert counts["analytical_posts_and_rejected_compared"] == 5
-    assert counts["buckets_compared"] == 2
+    assert counts["ids_compared"] == 5
+    assert counts["buckets_compared"] == 2  # ids 1..4 in one bucket, 2,500,000 in another
+    assert counts["buckets_differing"] == 0
 
 
 def test_the_column_schema_describes_every_column() -> None:

@@ -43,7 +43,14 @@ def main(argv: list[str] | None = None) -> int:
         help="source database (default: $SO_SOURCE_DATABASE_URL). Leave the password out of it "
         "(every local user sees command lines): libpq reads PGPASSWORD or ~/.pgpass",
     )
+    commands.add_parser(
+        "alert-test",
+        help="send a test message to every alert channel configured in the environment "
+        "(SO_ALERT_WEBHOOK_URL, SO_ALERT_SMTP_URL)",
+    )
     args = parser.parse_args(argv)
+    if args.command == "alert-test":
+        return _alert_test_command()
     if args.command == "load-dump":
         return _load_dump_command(args.path, args.database_url)
     # A SIGTERM unwinds like Ctrl-C, so the finally below stops the embedded server.
@@ -228,8 +235,15 @@ def _has_password(url: str) -> bool:
 
 
 def _load_dump_command(path: Path, database_url: str | None) -> int:
+    import dagster as dg
+
     from so_pipeline.resources import PostgresResource
-    from so_pipeline.tooling.dump_loader import DumpError, load_dump
+
+    try:
+        from so_pipeline.tooling.dump_loader import DumpError, DumpInterrupted, load_dump
+    except ImportError as error:
+        print(f"load-dump: {error}: pip install 'so_pipeline[local]'", file=sys.stderr)
+        return 2
 
     if not database_url:
         print("load-dump: set SO_SOURCE_DATABASE_URL or pass --database-url", file=sys.stderr)
@@ -242,15 +256,55 @@ def _load_dump_command(path: Path, database_url: str | None) -> int:
             file=sys.stderr,
         )
     source = PostgresResource(resource_name="source_db", url=database_url)
+    # One line on stderr for every way a load stops (the loader says where and what is
+    # committed); a traceback would bury it.
     try:
         result = load_dump(
             path, source, on_progress=lambda p: print(f"  {p.describe()}", flush=True)
         )
+    except DumpInterrupted as error:
+        print(f"load-dump: {error}", file=sys.stderr)
+        return 130
     except DumpError as error:
         print(f"load-dump: {error}", file=sys.stderr)
         return 1
+    except dg.Failure as error:
+        print(f"load-dump: {error.description}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"load-dump: {path}: interrupted before loading began", file=sys.stderr)
+        return 130
     print(f"Loaded {result.rows_loaded} posts; skipped {result.rows_skipped} already present.")
     return 0
+
+
+def _alert_test_command() -> int:
+    """Exit 0 when every channel took the message, 1 when one did not, 2 when none is set."""
+    import logging
+
+    from so_pipeline.alert_channels import channels_from_env, deliver
+
+    settings = channels_from_env()
+    for problem in settings.problems:
+        print(f"alert-test: {problem}", file=sys.stderr)
+    if not settings.channels:
+        print(
+            "alert-test: no alert channel configured: set SO_ALERT_WEBHOOK_URL, or "
+            "SO_ALERT_SMTP_URL and SO_ALERT_EMAIL_TO",
+            file=sys.stderr,
+        )
+        return 2
+    subject = "[so_pipeline] TEST: alerts reach this channel"
+    text = f"{subject}\nSent by `so-pipeline alert-test`; no action needed."
+    # Retries are reported on stderr as they happen, the outcome per channel on stdout.
+    log = logging.getLogger("so_pipeline.alert_test")
+    if not log.handlers:
+        log.addHandler(logging.StreamHandler(sys.stderr))
+        log.propagate = False
+    deliveries = [deliver(channel, subject, text, log) for channel in settings.channels]
+    for delivery in deliveries:
+        print(delivery.describe())
+    return 0 if all(delivery.ok for delivery in deliveries) else 1
 
 
 if __name__ == "__main__":
