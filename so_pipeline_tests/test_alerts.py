@@ -40,7 +40,6 @@ from so_pipeline.alerts import (
     run_recovered_alert,
     transition,
 )
-from so_pipeline.definitions import defs
 from so_pipeline.tooling import cli
 from so_pipeline.tooling.runs import execute_job
 from so_pipeline.window_checks import BacklogLimits, check_backlog
@@ -464,6 +463,15 @@ def daemon(
             process.wait(timeout=30)
 
 
+# One post per run and no backlog allowed: backlog_within_limits fails with ERROR.
+BEHIND_CONFIG = {
+    "ops": {
+        "source_posts_batch": {"config": {"batch_size": 1}},
+        "filtered_posts": {"config": {"warn_ids_behind": 0, "fail_ids_behind": 0}},
+    }
+}
+
+
 @pytest.mark.integration
 def test_the_daemon_alerts_once_per_incident_and_a_dead_channel_leaves_runs_green(
     daemon: Path,
@@ -473,7 +481,6 @@ def test_the_daemon_alerts_once_per_incident_and_a_dead_channel_leaves_runs_gree
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     databases.add_source_posts([Post(id=i) for i in (10, 20, 30)])
-    reconciliation = defs.resolve_job_def("stackoverflow_posts_reconciliation_job")
     with dg.DagsterInstance.get() as instance:
         # A run-status sensor only reports runs that finish after its first tick.
         _wait_for(
@@ -495,16 +502,16 @@ def test_the_daemon_alerts_once_per_incident_and_a_dead_channel_leaves_runs_gree
         _wait_for(lambda: len(webhook.texts) >= 2 and len(mail.mails) >= 2, "'recovered'")
         _wait_for(lambda: _seen_by_sensor(instance, FAILURE_SENSOR, second.run_id), "run 2")
 
-        # A source row the cursor has passed, missing from the analytical database.
-        databases.add_source_posts([Post(id=5)])
-        assert reconciliation.execute_in_process(instance=instance).success
+        # The pipeline falls behind: one post per run, with a backlog limit of 0 ids.
+        databases.add_source_posts([Post(id=i) for i in (40, 50, 60)])
+        behind = execute_job(instance, BEHIND_CONFIG, raise_on_error=False)
+        assert behind.success
         _wait_for(lambda: len(webhook.texts) >= 3 and len(mail.mails) >= 3, "the check alert")
 
         # The webhook answers 500, the relay refuses: the next alert (the check recovered)
         # fails on both, and the runs stay green.
         webhook.status, mail.refuse = 500, True
-        databases.query("source", "DELETE FROM posts WHERE id = 5 RETURNING id")
-        fixed = reconciliation.execute_in_process(instance=instance)
+        fixed = execute_job(instance, {}, raise_on_error=False)
         assert fixed.success
         _wait_for(lambda: webhook.attempts >= 6 and mail.refusals >= 3, "three attempts each")
         _wait_for(lambda: _seen_by_sensor(instance, SUCCESS_SENSOR, fixed.run_id), "the run")
@@ -527,7 +534,7 @@ def test_the_daemon_alerts_once_per_incident_and_a_dead_channel_leaves_runs_gree
         f"Run {third.run_id} succeeded after run {second.run_id} failed.",
     ]
     assert check.startswith(
-        "[so_pipeline] CHECK FAILED: reconciled_with_source on filtered_posts (ERROR)\n"
+        "[so_pipeline] FALLING BEHIND: check backlog_within_limits on filtered_posts failed"
     )
     assert [m["Subject"].strip() for m in mail.mails] == [t.splitlines()[0] for t in webhook.texts]
     everything = "\n".join(webhook.texts + [m.as_string() for m in mail.mails])
