@@ -69,7 +69,9 @@ def webserver(dagster_home: Path) -> Iterator[str]:
 def test_the_materialization_history_lists_each_run_with_its_cursor(
     databases: PipelineDatabases, webserver: str, tmp_path: Path
 ) -> None:
-    databases.add_source_posts([Post(id=i) for i in range(1, 26)])
+    databases.add_source_posts(
+        [Post(id=i, body=" " if i == 7 else "<p>b</p>") for i in range(1, 26)]
+    )
     with dg.DagsterInstance.get() as instance:
         loads = run_until_caught_up(instance, batch_size=10)
         cursors = {run.result.run_id[:8]: run.metadata()["last_processed_id"] for run in loads}
@@ -94,9 +96,16 @@ def test_the_materialization_history_lists_each_run_with_its_cursor(
             assert found, metadata
             seen[run.split()[-1]] = int(found[1])
         entries.first.click()
+        # "Are we keeping up?" without digging: the latest materialization's metadata.
+        latest = page.locator("table").first.inner_text()
         screenshot = Path(os.environ.get("SO_UI_SCREENSHOT", tmp_path / "history.png"))
         page.screenshot(path=str(screenshot))
         browser.close()
 
     assert list(cursors.values()) == [10, 20, 25]
     assert seen == {**cursors, caught_up: 25}
+    assert re.search(r"ids_behind_source\s+0\b", latest), latest
+    assert re.search(r"lag_seconds\s+0\b", latest), latest
+    assert re.search(r"rejected_total\s+1\b", latest), latest
+    assert re.search(r"rejected_total_body_whitespace_only\s+1\b", latest), latest
+    assert re.search(r"change_capture\s+on \(last_activity_date\)", latest), latest
