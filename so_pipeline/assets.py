@@ -92,6 +92,18 @@ class SourceBatchConfig(dg.Config):
 
 
 class FilterConfig(BacklogLimits):
+    catch_up_seconds: int = Field(
+        default=0,
+        ge=0,
+        description="Go on loading windows of catch_up_batch_size posts in this run while the "
+        "source is ahead, for up to this many seconds (0: one window). Each committed window "
+        "is recorded as a materialization with its cursor.",
+    )
+    catch_up_batch_size: int = Field(
+        default=1_000_000,
+        gt=0,
+        description="Most source ids per window after the first one, in a catch-up run.",
+    )
     change_column: str | None = Field(
         default=DEFAULT_CHANGE_COLUMN,
         description="Source column that moves forward on every edit; edits to loaded posts are "
@@ -235,32 +247,33 @@ def _load_window(
         window = plan_window(context, SourceBatchConfig(), source_db, analytical_db)
     with analytical_db.connect() as connection:
         analytical.ensure_tables(connection)
+    change_cursor = ChangeCursor.from_metadata(latest_metadata(context.instance))
     started = time.monotonic()
-    if window.is_empty:
-        load = WindowLoad()
-        context.log.info("Caught up: nothing after id %s; cursor unchanged.", window.after_id)
-    else:
-        loader = WindowLoader(source_db, analytical_db, config.require_owner, config.copy_streams)
-        load = loader.load(window)
-        context.log.info(
-            "Window %s: %s; cursor %s -> %s",
-            window.describe(),
-            load.describe(),
-            window.cursor_before,
-            window.cursor_after,
+    load, seconds = _load(context, config, window, source_db, analytical_db)
+    # A catch-up run goes on window after window; each committed one is recorded as a
+    # materialization with its cursor, so a crash loses at most the window in flight.
+    while (
+        window.new_rows
+        and window.ids_behind_source
+        and time.monotonic() - started < config.catch_up_seconds
+    ):
+        context.log_event(
+            dg.AssetMaterialization(
+                asset_key=context.asset_key,
+                metadata={
+                    **_window_metadata(window, load, seconds, analytical_db),
+                    **(change_cursor.metadata() if change_cursor else {}),
+                },
+            )
         )
-    seconds = time.monotonic() - started
-    if load.lock_wait_seconds:
-        context.log.warning(
-            "Waited %.1f s for another run holding the load lock; rows it had loaded were found "
-            "present and skipped.",
-            load.lock_wait_seconds,
-        )
+        next_window = SourceBatchConfig(batch_size=config.catch_up_batch_size, lookback_ids=0)
+        window = plan_window(context, next_window, source_db, analytical_db)
+        load, seconds = _load(context, config, window, source_db, analytical_db)
     changes = capture_changes(
         source_db,
         analytical_db,
         config.change_column,
-        ChangeCursor.from_metadata(latest_metadata(context.instance)),
+        change_cursor,
         window.cursor_after,
         config.require_owner,
         timedelta(seconds=config.change_lookback_seconds),
@@ -276,7 +289,6 @@ def _load_window(
             sum(changes.applied.newly_rejected_by_reason.values()),
         )
     with analytical_db.connect() as connection:
-        state = read_posts_state(connection, None)
         checks = [
             check_post_ids_are_unique(connection),
             check_backlog(window.ids_behind_source, config),
@@ -288,12 +300,54 @@ def _load_window(
     return dg.MaterializeResult(
         check_results=checks,
         metadata={
-            "dagster/table_name": analytical.posts.name,
-            "dagster/column_schema": column_schema(analytical.posts),
-            **state.metadata(window),
+            **_window_metadata(window, load, seconds, analytical_db),
             **preview,
-            **window.cursor_metadata(),
-            **load.metadata(seconds),
             **changes.metadata(),
         },
     )
+
+
+def _load(
+    context: dg.AssetExecutionContext,
+    config: FilterConfig,
+    window: PostWindow,
+    source_db: PostgresResource,
+    analytical_db: PostgresResource,
+) -> tuple[WindowLoad, float]:
+    """Load one window; return what it did and how long it took."""
+    started = time.monotonic()
+    if window.is_empty:
+        load = WindowLoad()
+        context.log.info("Caught up: nothing after id %s; cursor unchanged.", window.after_id)
+    else:
+        loader = WindowLoader(source_db, analytical_db, config.require_owner, config.copy_streams)
+        load = loader.load(window)
+        context.log.info(
+            "Window %s: %s; cursor %s -> %s",
+            window.describe(),
+            load.describe(),
+            window.cursor_before,
+            window.cursor_after,
+        )
+    if load.lock_wait_seconds:
+        context.log.warning(
+            "Waited %.1f s for another run holding the load lock; rows it had loaded were found "
+            "present and skipped.",
+            load.lock_wait_seconds,
+        )
+    return load, time.monotonic() - started
+
+
+def _window_metadata(
+    window: PostWindow, load: WindowLoad, seconds: float, analytical_db: PostgresResource
+) -> dict[str, Any]:
+    """A materialization's metadata: the table's state, the cursor, and the load."""
+    with analytical_db.connect() as connection:
+        state = read_posts_state(connection)
+    return {
+        "dagster/table_name": analytical.posts.name,
+        "dagster/column_schema": column_schema(analytical.posts),
+        **state.metadata(window),
+        **window.cursor_metadata(),
+        **load.metadata(seconds),
+    }

@@ -49,6 +49,9 @@ stackoverflow_posts_schedule = dg.ScheduleDefinition(
 # A catch-up run reads windows this large (the schedule's runs keep the small default); they
 # stream, so memory does not grow with it (1M posts: ~6 s on a 2-core machine).
 CATCH_UP_BATCH_SIZE = 1_000_000
+# One catch-up run goes on window after window for up to this long (each window recorded as a
+# materialization), then leaves the queue to the schedule's next tick and the sensor's next run.
+CATCH_UP_RUN_SECONDS = 600
 # The sensor starts catching up when the source is this many ids ahead of the cursor: more
 # than a default window, so the 15-minute schedule alone would fall behind.
 CATCH_UP_AFTER_IDS_BEHIND = DEFAULT_BATCH_SIZE
@@ -67,7 +70,8 @@ _ACTIVE_RUN_STATUSES = [
     minimum_interval_seconds=10,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description=f"While the source is more than {CATCH_UP_AFTER_IDS_BEHIND:,} ids ahead of the "
-    f"cursor, start runs of {CATCH_UP_BATCH_SIZE:,}-post windows back to back.",
+    f"cursor, start catch-up runs back to back, each loading {CATCH_UP_BATCH_SIZE:,}-post "
+    f"windows one after the other for up to {CATCH_UP_RUN_SECONDS} s.",
 )
 def stackoverflow_posts_catch_up_sensor(
     context: dg.SensorEvaluationContext,
@@ -95,7 +99,17 @@ def stackoverflow_posts_catch_up_sensor(
         )
     return dg.RunRequest(
         run_key=f"catch-up-after-{cursor}",
-        run_config={"ops": {"source_posts_batch": {"config": {"batch_size": CATCH_UP_BATCH_SIZE}}}},
+        run_config={
+            "ops": {
+                "source_posts_batch": {"config": {"batch_size": CATCH_UP_BATCH_SIZE}},
+                "filtered_posts": {
+                    "config": {
+                        "catch_up_seconds": CATCH_UP_RUN_SECONDS,
+                        "catch_up_batch_size": CATCH_UP_BATCH_SIZE,
+                    }
+                },
+            }
+        },
         tags={"so_pipeline/trigger": "catch-up"},
     )
 

@@ -46,10 +46,10 @@ class PostsState:
         }
 
 
-def read_posts_state(connection: psycopg.Connection, posts_rows: int | None) -> PostsState:
-    """The state of the tables (`posts_rows` when the load already returned it)."""
+def read_posts_state(connection: psycopg.Connection) -> PostsState:
+    """The state of the tables, from the row counters and the newest loaded post."""
     return PostsState(
-        posts_rows=analytical.posts_row_count(connection) if posts_rows is None else posts_rows,
+        posts_rows=analytical.posts_row_count(connection),
         rejected_by_reason=analytical.rejected_totals(connection),
         newest_loaded_at=analytical.newest_loaded_time(connection),
     )

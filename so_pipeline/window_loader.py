@@ -54,7 +54,6 @@ class WindowLoad:
     wrote_directly: bool = False
     lock_wait_seconds: float = 0.0
     copy_streams: int = 0
-    posts_rows: int | None = None  # rows in `posts` once the load committed
 
     @property
     def already_present_rows(self) -> int:
@@ -160,9 +159,7 @@ class WindowLoader:
                 # the staged rows, count the main pair's, and let no id the direct COPY wrote
                 # stay in posts_rejected.
                 applied = analytical.apply_classified(target, staged)
-                posts_rows = analytical.add_to_row_count(
-                    target, applied.inserted_rows + direct.main_pair_rows
-                )
+                analytical.add_to_row_count(target, applied.inserted_rows + direct.main_pair_rows)
                 if plan.direct is not None:
                     analytical.drop_rejected_twins(target, *plan.direct)
             # 2. Leaving this block committed the main transaction, releasing the lock last.
@@ -176,7 +173,6 @@ class WindowLoader:
             wrote_directly=plan.direct is not None,
             lock_wait_seconds=lock_wait,
             copy_streams=max(len(ranges), 1),
-            posts_rows=posts_rows,
         )
 
     def _cut(

@@ -155,6 +155,8 @@ def test_the_catch_up_sensor_starts_large_windows_until_the_schedule_can_keep_up
         (request,) = tick().run_requests  # 300,001 ids behind: catch up
         assert request.run_key == "catch-up-after-None"
         assert request.run_config["ops"]["source_posts_batch"]["config"]["batch_size"] == 10**6
+        catch_up = request.run_config["ops"]["filtered_posts"]["config"]
+        assert catch_up == {"catch_up_seconds": 600, "catch_up_batch_size": 10**6}
 
         going = instance.create_run_for_job(job, status=dg.DagsterRunStatus.STARTED)
         waiting = tick()

@@ -14,13 +14,16 @@ import pytest
 
 from so_pipeline.analytical_posts import ensure_tables
 from so_pipeline.definitions import defs
+from so_pipeline.tooling.runs import execute_job
 from so_pipeline_tests.helpers import (
     REPO_ROOT,
     PipelineDatabases,
     Post,
+    RunOutcome,
     dagster_job_execute,
     dagster_job_execute_command,
     generate_source_posts,
+    job_run_config,
     run_job,
 )
 
@@ -265,3 +268,71 @@ def test_late_rows_inside_the_look_back_are_loaded_and_others_repaired_by_the_re
     assert 5 in databases.loaded_ids()
     checks = reconciliation.execute_in_process(instance=instance).get_asset_check_evaluations()
     assert [c.passed for c in checks] == [True, True]
+
+
+CATCH_UP_CONFIG = (
+    "ops:\n"
+    "  source_posts_batch: {config: {batch_size: 40000}}\n"
+    "  filtered_posts: {config: {catch_up_seconds: 600, catch_up_batch_size: 40000}}\n"
+)
+
+
+def _filtered_posts_cursors(instance: dg.DagsterInstance) -> list[int]:
+    """last_processed_id of every filtered_posts materialization, oldest first."""
+    records = instance.fetch_materializations(dg.AssetKey("filtered_posts"), limit=100).records
+    cursors = [
+        record.asset_materialization.metadata["last_processed_id"].value
+        for record in records
+        if record.asset_materialization is not None
+    ]
+    return list(reversed(cursors))  # type: ignore[arg-type]
+
+
+def test_a_catch_up_run_records_every_window_and_equals_single_windows(
+    databases: PipelineDatabases, instance: dg.DagsterInstance
+) -> None:
+    expected = generate_source_posts(databases.source_url, 100)
+    config = job_run_config(batch_size=30)
+    config["ops"]["filtered_posts"]["config"] = {"catch_up_seconds": 600, "catch_up_batch_size": 30}
+
+    outcome = RunOutcome(execute_job(instance, config))
+
+    assert outcome.success
+    assert _filtered_posts_cursors(instance) == [30, 60, 90, 100]
+    assert [run.run_id for run in instance.get_runs()] == [outcome.result.run_id]
+    assert databases.loaded_ids() == expected
+    assert outcome.metadata()["dagster/row_count"] == len(expected)
+    assert run_job(instance).metadata()["rows_loaded"] == 0
+
+
+def test_a_catch_up_run_killed_between_windows_keeps_every_committed_window(
+    databases: PipelineDatabases, dagster_home: Path, tmp_path: Path
+) -> None:
+    expected = generate_source_posts(databases.source_url, GENERATED_ROWS)
+    config = tmp_path / "catch_up.yaml"
+    config.write_text(CATCH_UP_CONFIG)
+    run = subprocess.Popen(
+        dagster_job_execute_command("-c", str(config)),
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    with dg.DagsterInstance.get() as instance:
+        # Killed while it copies the second window, once the first is recorded.
+        _wait_for(lambda: bool(_filtered_posts_cursors(instance)), timeout=120)
+        _wait_for(lambda: _copy_rows(databases.analytical_url, "COPY FROM") > 5_000)
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait()
+        _wait_for(lambda: _copy_rows(databases.analytical_url, "COPY FROM") == 0)
+        (first_cursor,) = _filtered_posts_cursors(instance)
+        loaded = databases.loaded_ids()
+
+        rerun = dagster_job_execute("-c", str(config), timeout=300)
+        cursors = _filtered_posts_cursors(instance)
+
+    assert loaded == [i for i in expected if i <= first_cursor]  # the window in flight: nothing
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert databases.loaded_ids() == expected
+    assert cursors[0] == first_cursor and cursors[-1] == GENERATED_ROWS
+    assert cursors == sorted(cursors)
