@@ -53,6 +53,11 @@ def parse_url(raw_url: str, resource_name: str) -> sa.URL:
             "(expected postgresql://user:password@host:port/dbname)",
             allow_retries=False,
         ) from None
+    if url.port is not None and not 0 < url.port < 65536:
+        raise DatabaseConfigError(
+            description=f"{resource_name}: port {url.port} is out of range (1 to 65535)",
+            allow_retries=False,
+        )
     if url.drivername not in ACCEPTED_SCHEMES:
         raise DatabaseConfigError(
             description=f"{resource_name}: unsupported URL scheme '{url.drivername}' "

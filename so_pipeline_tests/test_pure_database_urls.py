@@ -125,6 +125,7 @@ def test_parse_url_accepts_postgresql_urls(url: str) -> None:
         ),
         (f"postgresql://so:{PASSWORD}@db.example:port/so", "the database URL is not a valid URL"),
         (f"postgresql://so:{PASSWORD}@db.example:54a2/so", "the database URL is not a valid URL"),
+        (f"postgresql://so:{PASSWORD}@db.example:99999/so", "port 99999 is out of range"),
         ("not a url", "the database URL is not a valid URL"),
         ("", "the database URL is not a valid URL"),
     ],
