@@ -7,6 +7,8 @@ helpers these fixtures build on are in helpers.py.
 """
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,16 +26,20 @@ from so_pipeline_tests.helpers import (
 
 
 @pytest.fixture(scope="session")
-def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
+def postgres_server() -> Iterator[LocalServer]:
     external = os.environ.get("SO_TEST_DATABASE_URL")
     if external:
         yield ExternalServer(external)
         return
     from so_pipeline.tooling.embedded import EmbeddedPostgres
 
-    embedded = EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "data", delete_on_exit=True)
+    # Not under pytest's basetemp: a second pytest session on the machine prunes old basetemps,
+    # and would delete this server's data directory under it while it runs.
+    data_dir = Path(tempfile.mkdtemp(prefix="so_pipeline_test_pg_")) / "data"
+    embedded = EmbeddedPostgres(data_dir, delete_on_exit=True)
     yield embedded
     embedded.stop()
+    shutil.rmtree(data_dir.parent, ignore_errors=True)
 
 
 @pytest.fixture
