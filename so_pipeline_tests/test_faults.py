@@ -53,19 +53,24 @@ def _terminate_copy_backend(url: str, command: str) -> bool:
     return bool(pids)
 
 
-def test_a_run_killed_while_loading_leaves_nothing_and_the_next_run_completes(
-    databases: PipelineDatabases, dagster_home: Path, tmp_path: Path
-) -> None:
-    expected = generate_source_posts(databases.source_url, GENERATED_ROWS)
-    config = tmp_path / "big.yaml"
-    config.write_text("ops:\n  source_posts_batch:\n    config:\n      batch_size: 1000000\n")
-    run = subprocess.Popen(
+def _job_in_background(config: Path) -> subprocess.Popen[bytes]:
+    """`dagster job execute -c config` in its own process group, to be SIGKILLed whole."""
+    return subprocess.Popen(
         dagster_job_execute_command("-c", str(config)),
         cwd=REPO_ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
+
+
+def test_a_run_killed_while_loading_leaves_nothing_and_the_next_run_completes(
+    databases: PipelineDatabases, dagster_home: Path, tmp_path: Path
+) -> None:
+    expected = generate_source_posts(databases.source_url, GENERATED_ROWS)
+    config = tmp_path / "big.yaml"
+    config.write_text("ops:\n  source_posts_batch:\n    config:\n      batch_size: 1000000\n")
+    run = _job_in_background(config)
     _wait_for(lambda: _copy_rows(databases.analytical_url, "COPY FROM") > 5_000)
     os.killpg(run.pid, signal.SIGKILL)
     run.wait()
@@ -311,13 +316,7 @@ def test_a_catch_up_run_killed_between_windows_keeps_every_committed_window(
     expected = generate_source_posts(databases.source_url, GENERATED_ROWS)
     config = tmp_path / "catch_up.yaml"
     config.write_text(CATCH_UP_CONFIG)
-    run = subprocess.Popen(
-        dagster_job_execute_command("-c", str(config)),
-        cwd=REPO_ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    run = _job_in_background(config)
     with dg.DagsterInstance.get() as instance:
         # Killed while it copies the second window, once the first is recorded.
         _wait_for(lambda: bool(_filtered_posts_cursors(instance)), timeout=120)
