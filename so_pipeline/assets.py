@@ -12,7 +12,7 @@ from pydantic import Field
 
 from so_pipeline import analytical_posts as analytical
 from so_pipeline import source_posts as source
-from so_pipeline.change_capture import ChangeCursor, capture_changes
+from so_pipeline.change_capture import ChangeCursor, capture_changes, missing_index_advice
 from so_pipeline.cursor import current_cursor, latest_metadata
 from so_pipeline.metadata import column_schema, markdown_table
 from so_pipeline.posts_state import read_posts_state
@@ -279,6 +279,8 @@ def _load_window(
         timedelta(seconds=config.change_lookback_seconds),
         config.change_batch_size,
     )
+    if changes.index_missing and config.change_column:
+        context.log.warning("Change capture: %s", missing_index_advice(config.change_column))
     if changes.applied is not None:
         context.log.info(
             "Changes: %d read after %s; %d updated, %d inserted, %d now rejected",

@@ -29,7 +29,7 @@ from so_pipeline.source_posts import (
     copy_changed_posts,
     latest_change,
 )
-from so_pipeline.table_contract import TYPE_FAMILIES, column_types
+from so_pipeline.table_contract import TYPE_FAMILIES, column_types, has_index_on
 
 TIMESTAMP_TYPES = next(family for family in TYPE_FAMILIES if "timestamp with time zone" in family)
 
@@ -84,6 +84,7 @@ class ChangeCapture:
 
     status: str
     cursor: ChangeCursor | None = None
+    index_missing: bool = False
     read: int = 0
     applied: analytical.Applied | None = None
 
@@ -105,6 +106,13 @@ class ChangeCapture:
                 )
             )
         return values
+
+
+def missing_index_advice(change_column: str) -> str:
+    return (
+        f"no index on {change_column}: each run reads the whole source table (ask the DBA for "
+        f"CREATE INDEX CONCURRENTLY ON {SOURCE_TABLE} ({change_column}, id))"
+    )
 
 
 def capture_changes(
@@ -133,8 +141,12 @@ def capture_changes(
                 return ChangeCapture(f"on ({change_column}), nothing to follow yet")
             cursor = ChangeCursor(start, AFTER_EVERY_ID, drained=False)
             return ChangeCapture(f"on ({change_column}), started", cursor)
+        status = f"on ({change_column})"
+        index_missing = not has_index_on(source, SOURCE_TABLE, change_column)
+        if index_missing:
+            status += f"; {missing_index_advice(change_column)}"
         if up_to_id is None:
-            return ChangeCapture(f"on ({change_column})", previous)
+            return ChangeCapture(status, previous, index_missing=index_missing)
         after_at, after_id = previous.read_from(lookback)
         params = {
             "after_at": after_at,
@@ -158,14 +170,13 @@ def capture_changes(
             last = execute(target, newest).fetchone()
             applied = analytical.apply_classified(target, staged)
             analytical.add_to_row_count(target, applied.inserted_rows)
-    cursor = previous
+    cursor = previous  # unless the read got past it (a look-back may find only older rows)
     if last is not None and (last[0], last[1]) > (previous.at, previous.id or 0):
-        cursor = ChangeCursor(
-            last[0], last[1], drained=False
-        )  # else the look-back found only older
+        cursor = ChangeCursor(last[0], last[1], drained=False)
     return ChangeCapture(
-        f"on ({change_column})",
+        status,
         ChangeCursor(cursor.at, cursor.id, drained=read < batch_size),
-        read,
-        applied,
+        index_missing=index_missing,
+        read=read,
+        applied=applied,
     )

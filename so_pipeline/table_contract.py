@@ -93,14 +93,12 @@ def contract_problems(actual: dict[str, str], contract: dict[str, frozenset[str]
     return problems
 
 
-def id_is_unique_key(connection: psycopg.Connection, table: str) -> bool:
-    """Whether `table`'s `id` is NOT NULL and alone in a unique, non-partial index.
-
-    (A primary key on `id` is one.) The cursor, and ON CONFLICT (id), need one row per id.
-    """
+def _indexes_leading_with(
+    connection: psycopg.Connection, table: str, column: str, *conditions: sa.ColumnElement[bool]
+) -> int:
+    """How many indexes of `table` have `column` first (and meet `conditions`)."""
     index, attribute = PG_INDEX, PG_ATTRIBUTE
-    table_oid = sa.func.to_regclass(table)
-    keyed = (
+    query = (
         sa.select(sa.func.count())
         .select_from(
             index.join(
@@ -112,12 +110,29 @@ def id_is_unique_key(connection: psycopg.Connection, table: str) -> bool:
             )
         )
         .where(
-            index.c.indrelid == table_oid,
-            index.c.indisunique,
-            index.c.indnkeyatts == 1,
-            index.c.indpred.is_(None),
-            attribute.c.attname == "id",
-            attribute.c.attnotnull,
+            index.c.indrelid == sa.func.to_regclass(table),
+            attribute.c.attname == column,
+            *conditions,
         )
     )
-    return bool(scalar(connection, keyed))
+    return scalar(connection, query)
+
+
+def id_is_unique_key(connection: psycopg.Connection, table: str) -> bool:
+    """Whether `table`'s `id` is NOT NULL and alone in a unique, non-partial index.
+
+    (A primary key on `id` is one.) The cursor, and ON CONFLICT (id), need one row per id.
+    """
+    index = PG_INDEX
+    unique_alone = (
+        index.c.indisunique,
+        index.c.indnkeyatts == 1,
+        index.c.indpred.is_(None),
+        PG_ATTRIBUTE.c.attnotnull,
+    )
+    return bool(_indexes_leading_with(connection, table, "id", *unique_alone))
+
+
+def has_index_on(connection: psycopg.Connection, table: str, column: str) -> bool:
+    """Whether an index of `table` starts with `column` (so a range read on it can use it)."""
+    return bool(_indexes_leading_with(connection, table, column))

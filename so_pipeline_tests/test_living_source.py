@@ -266,3 +266,18 @@ def test_an_old_posts_table_gains_deleted_at_in_place(
     )
     assert [c[0] for c in columns][-1] == "deleted_at"
     assert databases.loaded_ids() == [1, 2, 3]
+
+
+def test_change_capture_says_when_the_source_lacks_the_index_it_needs(
+    databases: PipelineDatabases, instance: dg.DagsterInstance
+) -> None:
+    _seed(databases, range(1, 4))
+    run_job(instance)
+
+    without = run_job(instance).metadata()["change_capture"]
+    _source(databases, "CREATE INDEX ON posts (last_activity_date, id)")
+    with_index = run_job(instance).metadata()["change_capture"]
+
+    assert "no index on last_activity_date: each run reads the whole source table" in without
+    assert "CREATE INDEX CONCURRENTLY ON posts (last_activity_date, id)" in without
+    assert with_index == "on (last_activity_date)"
