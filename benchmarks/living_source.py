@@ -22,26 +22,14 @@ from pathlib import Path
 
 import psycopg
 
-from benchmarks.synthetic_posts import generate_posts
-from benchmarks.tcp_server import TcpPostgres
-from benchmarks.throughput import BIN, Bench, measure
+from benchmarks.throughput import BIN, Bench, bench_on_server, ensure_source, measure
 
 LIVING_SOURCE = "bench_living_source"
 
 
 def prepare_source(bench: Bench, rows: int) -> str:
     """A copy of the synthetic source whose last_activity_date is set (edits move it on)."""
-    bench.server.create_database("bench_source")
-    with psycopg.connect(bench.source) as connection:
-        present = connection.execute(
-            "SELECT count(*) FROM information_schema.tables WHERE table_name = 'posts'"
-        ).fetchone()[0]  # type: ignore[index]
-        count = connection.execute("SELECT count(*) FROM posts").fetchone()[0] if present else 0  # type: ignore[index]
-    if count != rows:
-        print(f"Generating {rows} synthetic posts ...")
-        bench.server.drop_database("bench_source")
-        bench.server.create_database("bench_source")
-        generate_posts(bench.source, rows)
+    ensure_source(bench, rows)
     bench.server.drop_database(LIVING_SOURCE)
     with psycopg.connect(bench.server.url("postgres"), autocommit=True) as connection:
         connection.execute(f"CREATE DATABASE {LIVING_SOURCE} TEMPLATE bench_source")
@@ -87,14 +75,8 @@ def main() -> None:
     parser.add_argument("--edits", type=int, default=1_000)
     parser.add_argument("--data-dir", type=Path, default=Path(tempfile.gettempdir()) / "so_bench")
     args = parser.parse_args()
-    server = TcpPostgres(args.data_dir / "pgdata_tcp")
-    try:
-        log_dir = args.data_dir / "logs_living"
-        log_dir.mkdir(parents=True, exist_ok=True)
-        bench = Bench(server, None, log_dir)
+    with bench_on_server(args.data_dir, "logs_living") as bench:
         run(bench, args)
-    finally:
-        server.stop()
 
 
 def run(bench: Bench, args: argparse.Namespace) -> None:

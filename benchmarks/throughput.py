@@ -31,6 +31,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,7 +181,7 @@ class Bench:
             run_seconds, rss, _ = self.execute_job(env, batch_size, copy_streams)
             runs, seconds, peak = runs + 1, seconds + run_seconds, max(peak, rss)
             load_seconds += _step_seconds(env, "filtered_posts")
-            if _processed_max_id(target) == _max_id(self.source):
+            if _processed_max_id(target) == max_id(self.source):
                 break
         if copy_streams is None:
             self.load_phase.append(load_seconds)
@@ -230,11 +232,11 @@ class Bench:
         The added posts are deleted afterwards, so the next benchmark run reuses the source.
         """
         env = self.pipeline_env(target, "bench_dagster_ticks")
-        generated_max_id = _max_id(self.source)
+        generated_max_id = max_id(self.source)
         timings = []
         try:
             for _ in range(ticks):
-                _add_posts(self.source, 1000)
+                add_posts(self.source, 1000)
                 seconds, _, _ = self.execute_job(env, None)
                 timings.append(seconds)
         finally:
@@ -280,7 +282,7 @@ def _count(url: str) -> int:
         return connection.execute("SELECT count(*) FROM posts").fetchone()[0]  # type: ignore[index]
 
 
-def _max_id(url: str) -> int:
+def max_id(url: str) -> int:
     with psycopg.connect(url) as connection:
         return connection.execute("SELECT max(id) FROM posts").fetchone()[0]  # type: ignore[index]
 
@@ -292,7 +294,7 @@ def _processed_max_id(url: str) -> int | None:
         ).fetchone()[0]  # type: ignore[index]
 
 
-def _add_posts(source: str, rows: int) -> None:
+def add_posts(source: str, rows: int) -> None:
     with psycopg.connect(source) as connection:
         connection.execute(
             "INSERT INTO posts (id, post_type_id, title, body, owner_user_id, creation_date) "
@@ -349,25 +351,37 @@ def main() -> None:
     parser.add_argument("--sling", type=Path, default=_installed_sling(), help="Sling binary")
     args = parser.parse_args()
 
-    server = TcpPostgres(args.data_dir / "pgdata_tcp")
+    with bench_on_server(args.data_dir, "logs", args.sling) as bench:
+        run_benchmark(bench, args)
+
+
+@contextmanager
+def bench_on_server(data_dir: Path, logs: str, sling: Path | None = None) -> Iterator[Bench]:
+    """A Bench on the TCP server kept in `data_dir`, its commands' output in `data_dir/logs`."""
+    server = TcpPostgres(data_dir / "pgdata_tcp")
     try:
-        log_dir = args.data_dir / "logs"
+        log_dir = data_dir / logs
         shutil.rmtree(log_dir, ignore_errors=True)
         log_dir.mkdir(parents=True)
-        run_benchmark(Bench(server, args.sling, log_dir), args)
+        yield Bench(server, sling, log_dir)
     finally:
         server.stop()
 
 
-def run_benchmark(bench: Bench, args: argparse.Namespace) -> None:
+def ensure_source(bench: Bench, rows: int) -> None:
+    """The synthetic source of `rows` posts: reused when it is there, else generated."""
     bench.server.create_database("bench_source")
-    if _source_is(bench.source, args.rows):
-        print(f"Reusing {args.rows} synthetic posts in {args.data_dir}")
+    if _source_is(bench.source, rows):
+        print(f"Reusing {rows} synthetic posts")
     else:
-        print(f"Generating {args.rows} synthetic posts ...")
+        print(f"Generating {rows} synthetic posts ...")
         bench.server.drop_database("bench_source")
         bench.server.create_database("bench_source")
-        generate_posts(bench.source, args.rows)
+        generate_posts(bench.source, rows)
+
+
+def run_benchmark(bench: Bench, args: argparse.Namespace) -> None:
+    ensure_source(bench, args.rows)
     shape = describe_posts(bench.source)
     print("Source:", ", ".join(f"{k} {v:,.3f}".rstrip("0").rstrip(".") for k, v in shape.items()))
     print(f"Sling: {args.sling or 'not installed, left out'}")

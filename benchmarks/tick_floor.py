@@ -16,35 +16,39 @@ from pathlib import Path
 
 import psycopg
 
-from benchmarks.tcp_server import TcpPostgres
-from benchmarks.throughput import BIN, Bench, _add_posts, _max_id, measure
+from benchmarks.throughput import (
+    BIN,
+    Bench,
+    add_posts,
+    bench_on_server,
+    ensure_source,
+    max_id,
+    measure,
+)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ticks", type=int, default=5)
+    parser.add_argument("--rows", type=int, default=1_000_000, help="source posts")
     parser.add_argument("--data-dir", type=Path, default=Path(tempfile.gettempdir()) / "so_bench")
     args = parser.parse_args()
-    server = TcpPostgres(args.data_dir / "pgdata_tcp")
-    try:
-        log_dir = args.data_dir / "logs_tick"
-        log_dir.mkdir(parents=True, exist_ok=True)
-        run(Bench(server, None, log_dir), args.ticks)
-    finally:
-        server.stop()
+    with bench_on_server(args.data_dir, "logs_tick") as bench:
+        ensure_source(bench, args.rows)
+        run(bench, args.ticks)
 
 
 def run(bench: Bench, ticks: int) -> None:
     target = bench.fresh_database("bench_tick_target", create_posts=False)
     env = bench.pipeline_env(target, "bench_tick_dagster")
     bench.execute_job(env, 2_000_000)  # caught up
-    generated_max_id = _max_id(bench.source)
+    generated_max_id = max_id(bench.source)
     trivial = [str(BIN / "dagster"), "job", "execute", "-m", "benchmarks.trivial_job"]
     trivial += ["-j", "trivial_job"]
     ours, floor = [], []
     try:
         for _ in range(ticks):
-            _add_posts(bench.source, 1000)
+            add_posts(bench.source, 1000)
             ours.append(bench.execute_job(env, None)[0])
             floor.append(measure(trivial, env)[0])
     finally:

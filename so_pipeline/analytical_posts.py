@@ -158,8 +158,9 @@ def ensure_tables(connection: psycopg.Connection) -> None:
     """Create missing tables; fail, before writing, on existing ones that do not fit."""
     with connection.transaction():
         execute(connection, sa.select(sa.func.pg_advisory_xact_lock(PIPELINE_LOCK_ID)))
+        existing = {table.name: column_types(connection, table.name) for table in TABLES}
         for table in TABLES:
-            actual = column_types(connection, table.name)
+            actual = existing[table.name]
             problems = contract_problems(actual, exact_types(_copied(table))) if actual else []
             if actual and not id_is_unique_key(connection, table.name):
                 problems.append("id is not its primary key (nor a unique, NOT NULL column)")
@@ -171,18 +172,21 @@ def ensure_tables(connection: psycopg.Connection) -> None:
                 )
         for table in metadata.sorted_tables:
             execute(connection, sa.schema.CreateTable(table, if_not_exists=True))
-        _add_missing_managed_columns(connection)
+        _add_missing_managed_columns(connection, existing)
         _add_missing_indexes(connection)
         _keep_row_counts(connection)
 
 
-def _add_missing_managed_columns(connection: psycopg.Connection) -> None:
-    """Upgrade tables made by an earlier release in place: a nullable column without a default
-    is added without rewriting the table, and nothing is reloaded."""
+def _add_missing_managed_columns(
+    connection: psycopg.Connection, existing: dict[str, dict[str, str]]
+) -> None:
+    """Upgrade tables made by an earlier release in place (`existing`: their columns, empty for a
+    table just created): a nullable column without a default is added without rewriting the
+    table, and nothing is reloaded."""
     for table in TABLES:
-        actual = column_types(connection, table.name)
+        actual = existing[table.name]
         for column in table.columns:
-            if column.info.get("managed") and column.name not in actual:
+            if actual and column.info.get("managed") and column.name not in actual:
                 connection.execute(
                     sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}").format(
                         sql.Identifier(table.name),
