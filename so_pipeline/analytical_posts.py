@@ -172,9 +172,50 @@ def ensure_tables(connection: psycopg.Connection) -> None:
                 )
         for table in metadata.sorted_tables:
             execute(connection, sa.schema.CreateTable(table, if_not_exists=True))
+        _compress_new_bodies_with_lz4(connection, [t for t in TABLES if not existing[t.name]])
         _add_missing_managed_columns(connection, existing)
         _add_missing_indexes(connection)
         _keep_row_counts(connection)
+
+
+def lz4_available(connection: psycopg.Connection) -> bool:
+    """Whether the server can compress values with lz4 (PostgreSQL 14+ built with it)."""
+    setting = sa.table("pg_settings", sa.column("name"), sa.column("enumvals"))
+    supported = scalar(
+        connection,
+        sa.select(setting.c.enumvals).where(setting.c.name == "default_toast_compression"),
+    )
+    return "lz4" in (supported or [])
+
+
+def _compress_new_bodies_with_lz4(connection: psycopg.Connection, created: list[sa.Table]) -> None:
+    """Long bodies are compressed as they are written; lz4 does it several times faster than
+    the default pglz, which made the analytical backend the slowest part of a catch-up.
+
+    Only on tables just created: on a table in use, SET COMPRESSION waits for an exclusive
+    lock (the README shows the statement to run by hand; it affects new values only).
+    """
+    if created and lz4_available(connection):
+        for table in created:
+            connection.execute(
+                sql.SQL("ALTER TABLE {} ALTER COLUMN body SET COMPRESSION lz4").format(
+                    sql.Identifier(table.name)
+                )
+            )
+
+
+def body_compression(connection: psycopg.Connection) -> str:
+    """How `posts.body` values are compressed: its own setting, else the server's default."""
+    method = scalar(
+        connection,
+        sa.select(PG_ATTRIBUTE.c.attcompression).where(
+            PG_ATTRIBUTE.c.attrelid == sa.func.to_regclass(posts.name),
+            PG_ATTRIBUTE.c.attname == "body",
+        ),
+    )
+    if method in ("p", "l"):
+        return {"p": "pglz", "l": "lz4"}[method]
+    return scalar(connection, sa.select(sa.func.current_setting("default_toast_compression")))
 
 
 def _add_missing_managed_columns(

@@ -7,7 +7,7 @@ from typing import Any
 import psycopg
 
 from so_pipeline import analytical_posts as analytical
-from so_pipeline.metadata import numbers
+from so_pipeline.metadata import labels, numbers
 from so_pipeline.window import PostWindow
 
 
@@ -16,6 +16,7 @@ class PostsState:
     posts_rows: int
     rejected_by_reason: dict[str, int]
     newest_loaded_at: datetime | None
+    body_compression: str
 
     def metadata(self, window: PostWindow) -> dict[str, Any]:
         """Row counts, rejection totals, and the backlog in ids and in time."""
@@ -32,6 +33,7 @@ class PostsState:
         return {
             "dagster/row_count": self.posts_rows,
             **{key: value for key, value in times.items() if value is not None},
+            **labels({"body_compression": self.body_compression}),
             **numbers(
                 {
                     "ids_behind_source": window.ids_behind_source,
@@ -52,4 +54,5 @@ def read_posts_state(connection: psycopg.Connection) -> PostsState:
         posts_rows=analytical.posts_row_count(connection),
         rejected_by_reason=analytical.rejected_totals(connection),
         newest_loaded_at=analytical.newest_loaded_time(connection),
+        body_compression=analytical.body_compression(connection),
     )

@@ -43,6 +43,7 @@ PG_ATTRIBUTE = sa.table(
     sa.column("attnum"),
     sa.column("attname"),
     sa.column("attnotnull"),
+    sa.column("attcompression"),
 )
 
 

@@ -239,3 +239,54 @@ def test_a_source_whose_default_time_zone_is_not_utc_loads_utc_times(
     assert databases.query("analytical", "SELECT creation_date FROM posts") == [
         (datetime(2020, 6, 1, 12, 0),)
     ]
+
+
+def _server_compresses_with_lz4(url: str) -> bool:
+    """Asked of the server itself: a column with lz4 compression is refused by a build without."""
+    with psycopg.connect(url) as connection:
+        try:
+            connection.execute("CREATE TEMP TABLE lz4_probe (body text COMPRESSION lz4)")
+        except psycopg.errors.FeatureNotSupported:
+            return False
+    return True
+
+
+def test_new_tables_compress_bodies_with_lz4_where_the_server_has_it(
+    databases: PipelineDatabases, instance: dg.DagsterInstance
+) -> None:
+    """lz4 where the server is built with it (Debian's packages, RDS); pglz otherwise (the
+    embedded wheel's build); run the suite with SO_TEST_DATABASE_URL for the other branch."""
+    databases.add_source_posts([Post(id=1), Post(id=2, body="")])
+
+    outcome = run_job(instance)
+
+    lz4 = _server_compresses_with_lz4(databases.analytical_url)
+    assert outcome.metadata()["body_compression"] == ("lz4" if lz4 else "pglz")
+    column_setting = "l" if lz4 else ""  # "": the server's default_toast_compression
+    assert databases.query(
+        "analytical",
+        "SELECT attrelid::regclass::text, attcompression FROM pg_attribute "
+        "WHERE attname = 'body' AND attrelid IN ('posts'::regclass, 'posts_rejected'::regclass) "
+        "ORDER BY 1",
+    ) == [("posts", column_setting), ("posts_rejected", column_setting)]
+
+
+def test_an_existing_table_keeps_its_compression(
+    databases: PipelineDatabases, instance: dg.DagsterInstance
+) -> None:
+    """SET COMPRESSION on a table in use would wait for an exclusive lock: left to the operator."""
+    _execute(
+        databases.analytical_url,
+        "CREATE TABLE posts (id bigint PRIMARY KEY, title text, body text, "
+        "owner_user_id bigint, creation_date timestamp)",
+    )
+    databases.add_source_posts([Post(id=1)])
+
+    outcome = run_job(instance)
+
+    assert outcome.metadata()["body_compression"] == "pglz"
+    assert databases.query(
+        "analytical",
+        "SELECT attcompression FROM pg_attribute WHERE attrelid = 'posts'::regclass "
+        "AND attname = 'body'",
+    ) == [("",)]
