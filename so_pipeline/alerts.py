@@ -26,7 +26,7 @@ from so_pipeline.alert_channels import (
     deliver,
     redact_credentials,
 )
-from so_pipeline.jobs import reconciliation_job, stackoverflow_posts_job
+from so_pipeline.jobs import SENSOR_INTERVAL_SECONDS, reconciliation_job, stackoverflow_posts_job
 from so_pipeline.resources import DatabaseConfigError, parse_url, scrub
 from so_pipeline.window_checks import BACKLOG_WITHIN_LIMITS
 
@@ -297,7 +297,7 @@ _DESCRIPTION = (
 @dg.run_failure_sensor(
     name="so_pipeline_failure_alerts",
     monitor_all_code_locations=True,
-    minimum_interval_seconds=10,
+    minimum_interval_seconds=SENSOR_INTERVAL_SECONDS,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description=_DESCRIPTION.format(what="a failed run and the checks that failed in it"),
 )
@@ -309,7 +309,7 @@ def failure_alerts(context: dg.RunFailureSensorContext) -> dg.SkipReason | None:
     name="so_pipeline_success_alerts",
     run_status=dg.DagsterRunStatus.SUCCESS,
     monitor_all_code_locations=True,
-    minimum_interval_seconds=10,
+    minimum_interval_seconds=SENSOR_INTERVAL_SECONDS,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description=_DESCRIPTION.format(
         what="a job or check that recovered, a failed check or a pipeline falling behind"

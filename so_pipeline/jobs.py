@@ -55,6 +55,11 @@ CATCH_UP_RUN_SECONDS = 600
 # The sensor starts catching up when the source is this many ids ahead of the cursor: more
 # than a default window, so the 15-minute schedule alone would fall behind.
 CATCH_UP_AFTER_IDS_BEHIND = DEFAULT_BATCH_SIZE
+# How often the daemon evaluates each sensor (Dagster's default). It logs two INFO lines per
+# evaluation, whatever the outcome, so every 10 s flooded an idle daemon's output; 30 s delays a
+# catch-up run by at most 30 s after the one before (runs of up to CATCH_UP_RUN_SECONDS: 5%),
+# and an alert by at most 30 s.
+SENSOR_INTERVAL_SECONDS = 30
 
 _ACTIVE_RUN_STATUSES = [
     dg.DagsterRunStatus.QUEUED,
@@ -67,7 +72,7 @@ _ACTIVE_RUN_STATUSES = [
 @dg.sensor(
     name="stackoverflow_posts_catch_up_sensor",
     job=stackoverflow_posts_job,
-    minimum_interval_seconds=10,
+    minimum_interval_seconds=SENSOR_INTERVAL_SECONDS,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description=f"While the source is more than {CATCH_UP_AFTER_IDS_BEHIND:,} ids ahead of the "
     f"cursor, start catch-up runs back to back, each loading {CATCH_UP_BATCH_SIZE:,}-post "

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="load sample posts and run the job until caught up")
     demo.add_argument("--batch-size", type=_positive, default=1000, help="posts per run (window)")
-    dev = commands.add_parser("dev", help="set up like demo, then start `dagster dev` on it")
+    dev = commands.add_parser("dev", help="set up like demo, then start `dg dev` on it")
     dev.add_argument("--port", type=int, default=3000)
     commands.add_parser(
         "status",
@@ -184,15 +184,17 @@ class _LocalSetup:
         return 0
 
     def run_dagster_dev(self, port: int) -> int:
-        dagster = Path(sys.executable).with_name("dagster")
-        command = [str(dagster), "dev", "-m", "so_pipeline", "-h", "127.0.0.1", "-p", str(port)]
+        # Dagster's `dg dev` (`dagster dev` says it is superseded by it), given the code
+        # location's module: that needs no pyproject.toml, so it works from a wheel install too.
+        dg = Path(sys.executable).with_name("dg")
+        command = [str(dg), "dev", "-m", "so_pipeline", "-h", "127.0.0.1", "-p", str(port)]
         print(f"Dagster UI on http://127.0.0.1:{port} (Ctrl-C to stop)")
         # Its own process group, so that stopping reaches the webserver, daemon and code
         # servers it starts; default signal handling, since a shell that starts us in the
         # background (`&`, as scripts and service managers do) leaves SIGINT ignored, and
-        # `dagster dev` stops on SIGINT.
-        # Started in DAGSTER_HOME, beside the dagster.yaml it uses: from the repository, dagster
-        # dev would warn that the dagster.yaml there is not used.
+        # `dg dev` stops on SIGINT.
+        # Started in DAGSTER_HOME, beside the dagster.yaml it uses: from the repository, dg dev
+        # would warn that the dagster.yaml there is not used.
         process = subprocess.Popen(
             command,
             process_group=0,
