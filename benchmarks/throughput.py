@@ -168,6 +168,14 @@ class Bench:
         seconds, rss, _ = measure(command, env)
         return Measurement("Sling (truncate mode)", _count(target), seconds, rss)
 
+    def dlt_run(self, python: Path, backend: str) -> Measurement:
+        """dlt's sql_table source into its postgres destination (its own table and schema)."""
+        target = self.fresh_database("bench_dlt", create_posts=False)
+        script = REPO / "benchmarks" / "dlt_peer.py"
+        seconds, rss, output = measure([str(python), str(script), self.source, target, backend])
+        rows = int(output.rsplit("rows loaded: ", 1)[1].split()[0])
+        return Measurement(f"dlt ({backend} backend, csv COPY)", rows, seconds, rss)
+
     def original(self, rows: int) -> Measurement:
         target = self.fresh_database("bench_original")
         script = REPO / "benchmarks" / "original_method.py"
@@ -353,6 +361,15 @@ def main() -> None:
     parser.add_argument("--ticks", type=int, default=3)
     parser.add_argument("--data-dir", type=Path, default=Path(tempfile.gettempdir()) / "so_bench")
     parser.add_argument("--sling", type=Path, default=_installed_sling(), help="Sling binary")
+    parser.add_argument(
+        "--dlt-python",
+        type=Path,
+        help="the interpreter of an environment with dlt (see benchmarks/dlt_peer.py); "
+        "without it dlt is left out",
+    )
+    parser.add_argument(
+        "--dlt-backends", type=lambda text: text.split(","), default=["connectorx", "pyarrow"]
+    )
     add_postgres_bin_argument(parser)
     args = parser.parse_args()
 
@@ -402,6 +419,7 @@ def run_benchmark(bench: Bench, args: argparse.Namespace) -> None:
     shape = describe_posts(bench.source)
     print("Source:", ", ".join(f"{k} {v:,.3f}".rstrip("0").rstrip(".") for k, v in shape.items()))
     print(f"Sling: {args.sling or 'not installed, left out'}")
+    print(f"dlt: {args.dlt_python or 'no --dlt-python, left out'}")
     mb_per_row = shape["source_mb"] / shape["rows"]
 
     results: list[Measurement] = []
@@ -417,6 +435,8 @@ def run_benchmark(bench: Bench, args: argparse.Namespace) -> None:
         ]
         if args.sling:
             round_results.append(bench.sling_run())
+        if args.dlt_python:
+            round_results += [bench.dlt_run(args.dlt_python, b) for b in args.dlt_backends]
         single, single_target = bench.pipeline(args.batch_size, "catch-up, 1 COPY stream", 1)
         fingerprints["one stream"] = loaded_fingerprint(single_target)
         measurement, pipeline_target = bench.pipeline(args.batch_size, "catch-up")
