@@ -3,11 +3,17 @@
 Fixtures live in conftest.py and build on these; tests import from here, never from conftest.
 """
 
+import json
+import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -18,6 +24,7 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 
+from so_pipeline.tooling.cli import stop_process_group
 from so_pipeline.tooling.dump_loader import create_posts_table
 from so_pipeline.tooling.embedded import LocalServer
 from so_pipeline.tooling.runs import (
@@ -214,3 +221,84 @@ def dagster_job_execute(*extra_args: str, timeout: float = 180) -> subprocess.Co
         text=True,
         timeout=timeout,
     )
+
+
+# --- long-running processes: the daemon, the webserver, `dg dev` --------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for(
+    condition: Callable[[], object], what: str, timeout: float = 180, interval: float = 0.3
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+@contextmanager
+def background(
+    command: Sequence[str], output: Path, env: dict[str, str] | None = None, cwd: Path = REPO_ROOT
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`command` running in its own process group, its output in `output`; the whole group
+    (a daemon's or `dg dev`'s children too) is stopped on leaving."""
+    with output.open("wb") as sink:
+        process = subprocess.Popen(
+            list(command),
+            cwd=cwd,
+            env=env if env is not None else os.environ.copy(),
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            process_group=0,
+        )
+    try:
+        yield process
+    finally:
+        stop_process_group(process)
+
+
+def stop_schedule(env: dict[str, str] | None = None) -> None:
+    """Stop the 15-minute schedule, so a quarter hour passing mid-test starts no run of its own."""
+    subprocess.run(
+        [str(BIN / "dagster"), "schedule", "stop", "stackoverflow_posts_schedule"]
+        + ["-m", "so_pipeline"],
+        cwd=REPO_ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=180,
+    )
+
+
+def wait_for_webserver(url: str, process: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    """Until `url`/server_info answers; fails at once if `process` exits."""
+
+    def answers() -> bool:
+        if process.poll() is not None:
+            raise AssertionError(f"exited with {process.returncode} before serving {url}")
+        try:
+            with urllib.request.urlopen(f"{url}/server_info", timeout=2):
+                return True
+        except OSError:
+            return False
+
+    wait_for(answers, f"{url}/server_info", timeout)
+
+
+def graphql(url: str, query: str, variables: dict[str, Any] | None = None) -> dict[str, Any]:
+    """POST a query to the webserver's GraphQL API, as the UI does; its `data`."""
+    request = urllib.request.Request(
+        f"{url}/graphql",
+        data=json.dumps({"query": query, "variables": variables or {}}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        answer = json.loads(response.read())
+    assert "errors" not in answer, answer["errors"]
+    return answer["data"]

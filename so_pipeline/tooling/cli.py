@@ -79,7 +79,7 @@ def _default_signals() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def _stop_process_group(process: subprocess.Popen[bytes], grace_seconds: float = 30) -> None:
+def stop_process_group(process: subprocess.Popen[bytes], grace_seconds: float = 30) -> None:
     """Stop `process` and everything in its process group: SIGTERM, then SIGKILL."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
@@ -206,7 +206,7 @@ class _LocalSetup:
         except KeyboardInterrupt:
             return 0
         finally:
-            _stop_process_group(process)
+            stop_process_group(process)
 
     def stop(self) -> None:
         self.server.stop()

@@ -1,0 +1,184 @@
+"""The Dagster daemon as an operator meets it: quiet when there is nothing to do, and the run
+queue that holds the UI's Materialize button behind a job run in progress (under `dg dev`)."""
+
+import re
+import time
+from collections import Counter
+from pathlib import Path
+
+import dagster as dg
+import psycopg
+import pytest
+
+from so_pipeline_tests.helpers import (
+    BIN,
+    PipelineDatabases,
+    Post,
+    background,
+    free_port,
+    graphql,
+    run_job,
+    stop_schedule,
+    wait_for,
+    wait_for_webserver,
+)
+
+pytestmark = pytest.mark.integration
+
+SENSORS = {
+    "stackoverflow_posts_catch_up_sensor",
+    "so_pipeline_failure_alerts",
+    "so_pipeline_success_alerts",
+}
+# How long the idle daemon is watched after its first ticks: within it, a sensor evaluated every
+# 10 s (as they were) is evaluated 3 times, every SENSOR_INTERVAL_SECONDS once.
+IDLE_SECONDS = 25
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _log_lines(output: Path) -> list[str]:
+    return _ANSI.sub("", output.read_text(errors="replace")).splitlines()
+
+
+def _sensor_evaluations(output: Path) -> Counter[str]:
+    """How often the daemon evaluated each sensor: Dagster logs one such line per evaluation."""
+    checking = re.compile(r"Checking for new runs for sensor: (\w+)")
+    found = (checking.search(line) for line in _log_lines(output))
+    return Counter(match[1] for match in found if match)
+
+
+def test_an_idle_daemon_logs_each_sensor_once_per_interval_and_no_warning(
+    databases: PipelineDatabases, dagster_home: Path, tmp_path: Path
+) -> None:
+    databases.add_source_posts([Post(id=i) for i in range(1, 4)])
+    with dg.DagsterInstance.get() as instance:
+        assert run_job(instance).success  # caught up: the catch-up sensor has nothing to do
+    stop_schedule()
+    output = tmp_path / "daemon.log"
+
+    # As on a server (deploy/dagster-daemon.service): from the repository, with workspace.yaml.
+    with background([str(BIN / "dagster-daemon"), "run", "-w", "workspace.yaml"], output):
+        wait_for(lambda: set(_sensor_evaluations(output)) == SENSORS, "each sensor's first tick")
+        time.sleep(IDLE_SECONDS)
+        evaluations = _sensor_evaluations(output)
+
+    lines = _log_lines(output)
+    assert evaluations == Counter(SENSORS), evaluations
+    sensor_lines = [line for line in lines if "dagster.daemon.SensorDaemon - " in line]
+    assert len(sensor_lines) <= 2 * len(SENSORS), sensor_lines
+    assert any("0 ids behind the source: the schedule keeps up" in line for line in sensor_lines)
+    assert not [line for line in lines if re.search(r" - (WARNING|ERROR|CRITICAL) - ", line)]
+
+
+_LAUNCH_RUN = """
+mutation Launch($executionParams: ExecutionParams!) {
+  launchRun(executionParams: $executionParams) {
+    __typename
+    ... on LaunchRunSuccess { run { runId } }
+    ... on PythonError { message }
+  }
+}
+"""
+
+
+def _launch(webserver: str, job: str, **selection: object) -> str:
+    """Launch `job` through the webserver's GraphQL API, as the UI's buttons do; its run id."""
+    selector = {
+        "repositoryLocationName": "so_pipeline",
+        "repositoryName": "__repository__",
+        "jobName": job,
+        **selection,
+    }
+    params = {"selector": selector, "mode": "default", "executionMetadata": {"tags": []}}
+    launched = graphql(webserver, _LAUNCH_RUN, {"executionParams": params})["launchRun"]
+    assert launched["__typename"] == "LaunchRunSuccess", launched
+    return launched["run"]["runId"]
+
+
+def _waits_for_a_lock(analytical_url: str) -> bool:
+    """Whether a connection of the pipeline waits for a table lock on the analytical database."""
+    with psycopg.connect(analytical_url, autocommit=True) as connection:
+        return bool(
+            connection.execute(
+                "SELECT 1 FROM pg_stat_activity WHERE application_name = 'so_pipeline' "
+                "AND wait_event_type = 'Lock'"
+            ).fetchall()
+        )
+
+
+def _status(instance: dg.DagsterInstance, run_id: str) -> dg.DagsterRunStatus:
+    run = instance.get_run_by_id(run_id)
+    assert run is not None
+    return run.status
+
+
+def _materialized(instance: dg.DagsterInstance, run_id: str, asset: str) -> dict[str, object]:
+    """The metadata of `asset`'s materialization in the run (empty: none yet)."""
+    for entry in instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION):
+        materialization = entry.asset_materialization
+        if materialization is not None and materialization.asset_key == dg.AssetKey(asset):
+            return {key: value.value for key, value in materialization.metadata.items()}
+    return {}
+
+
+def _run_times(instance: dg.DagsterInstance, run_id: str) -> tuple[float, float]:
+    record = instance.get_run_record_by_id(run_id)
+    assert record is not None and record.start_time and record.end_time
+    return record.start_time, record.end_time
+
+
+def test_the_materialize_button_waits_for_a_job_run_then_loads_only_what_is_new(
+    databases: PipelineDatabases, dagster_home: Path, tmp_path: Path
+) -> None:
+    databases.add_source_posts([Post(id=i) for i in range(1, 6)])
+    with dg.DagsterInstance.get() as instance:
+        assert run_job(instance).success  # posts 1..5 loaded, cursor 5
+    databases.add_source_posts([Post(id=i) for i in range(6, 11)])
+    stop_schedule()
+    port = free_port()
+    webserver = f"http://127.0.0.1:{port}"
+    output = tmp_path / "dg_dev.log"
+
+    # `dg dev` from the project root, as Dagster's docs run it: webserver, daemon, run queue.
+    with (
+        background([str(BIN / "dg"), "dev", "-h", "127.0.0.1", "-p", str(port)], output) as dev,
+        dg.DagsterInstance.get() as instance,
+        psycopg.connect(databases.analytical_url) as holder,
+    ):
+        wait_for_webserver(webserver, dev)
+        # Another session holds the analytical posts table: the job's run stops inside its load.
+        holder.execute("LOCK TABLE posts IN ACCESS EXCLUSIVE MODE")
+        job_run = _launch(webserver, "stackoverflow_posts_job")
+        wait_for(lambda: _materialized(instance, job_run, "source_posts_batch"), "the window")
+        wait_for(lambda: _waits_for_a_lock(databases.analytical_url), "the job run's load")
+        databases.add_source_posts([Post(id=i) for i in range(11, 14)])  # after its window
+
+        button_run = _launch(
+            webserver,
+            "__ASSET_JOB",
+            assetSelection=[{"path": ["filtered_posts"]}],
+            assetCheckSelection=[
+                {"assetKey": {"path": ["filtered_posts"]}, "name": name}
+                for name in ("post_ids_are_unique", "backlog_within_limits")
+            ],
+        )
+        blocked = f"Run {button_run} is blocked by global concurrency limits"
+        wait_for(lambda: any(blocked in line for line in _log_lines(output)), "the queue's verdict")
+        assert _status(instance, button_run) == dg.DagsterRunStatus.QUEUED
+        assert _status(instance, job_run) == dg.DagsterRunStatus.STARTED
+
+        holder.rollback()  # the lock goes: the job's run goes on, then the button's
+        finished = {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE}
+        wait_for(lambda: _status(instance, button_run) in finished, "the button's run")
+        assert _status(instance, job_run) == dg.DagsterRunStatus.SUCCESS
+        assert _status(instance, button_run) == dg.DagsterRunStatus.SUCCESS
+        by_job = _materialized(instance, job_run, "filtered_posts")
+        by_button = _materialized(instance, button_run, "filtered_posts")
+        job_times, button_times = _run_times(instance, job_run), _run_times(instance, button_run)
+
+    assert button_times[0] >= job_times[1]  # started after the job's run ended
+    assert (by_job["last_processed_id"], by_job["rows_loaded"]) == (10, 5)
+    # The button's run planned its own window from the cursor the job's run left: 11..13.
+    assert by_button["cursor_before"] == "10"  # a label
+    assert (by_button["last_processed_id"], by_button["rows_loaded"]) == (13, 3)
+    assert databases.loaded_ids() == list(range(1, 14))  # each post once

@@ -1,0 +1,72 @@
+"""Dagster's `dg` CLI on this project, as its docs lay one out: `dg check defs`, `dg list defs`,
+`dg launch` (`dg dev` is started by test_daemon.py)."""
+
+import json
+import subprocess
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from so_pipeline_tests.helpers import BIN, REPO_ROOT, PipelineDatabases, Post
+
+pytestmark = pytest.mark.integration
+
+
+def dg_command(*args: str) -> subprocess.CompletedProcess[str]:
+    """`dg ...` from the repository root (the project, found through pyproject's [tool.dg])."""
+    return subprocess.run(
+        [str(BIN / "dg"), *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=180
+    )
+
+
+def test_dg_check_and_list_defs_find_the_code_location(dagster_home: Path) -> None:
+    check = dg_command("check", "defs")
+    listed = dg_command("list", "defs", "--json")
+
+    assert check.returncode == 0, check.stdout[-2000:] + check.stderr[-2000:]
+    assert "All definitions loaded successfully" in check.stdout + check.stderr
+    # An operator's view with no noise: dg's venv warning is off for `.venv/bin/dg`.
+    assert "virtual environment" not in check.stdout + check.stderr
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    defs = json.loads(listed.stdout)
+    assert sorted(asset["asset_key"] for asset in defs["assets"]) == [
+        "filtered_posts",
+        "source_posts_batch",
+    ]
+    assert sorted(job["name"] for job in defs["jobs"]) == [
+        "stackoverflow_posts_job",
+        "stackoverflow_posts_reconciliation_job",
+    ]
+    assert sorted(sensor["name"] for sensor in defs["sensors"]) == [
+        "so_pipeline_failure_alerts",
+        "so_pipeline_success_alerts",
+        "stackoverflow_posts_catch_up_sensor",
+    ]
+
+
+def test_dg_launch_loads_the_next_window_and_moves_the_cursor(
+    databases: PipelineDatabases, dagster_home: Path, tmp_path: Path
+) -> None:
+    databases.add_source_posts([Post(id=i) for i in range(1, 6)] + [Post(id=6, body=" ")])
+    run_config = tmp_path / "window.yaml"
+    run_config.write_text("ops:\n  source_posts_batch:\n    config:\n      batch_size: 4\n")
+    launch = ("launch", "--job", "stackoverflow_posts_job", "--config", str(run_config))
+
+    first = dg_command(*launch)
+    loaded_by_first = databases.loaded_ids()
+    second = dg_command(*launch)
+
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert loaded_by_first == [1, 2, 3, 4]
+    assert databases.loaded_ids() == [1, 2, 3, 4, 5]
+    assert databases.rejected() == {6: "body_whitespace_only"}
+    with dg.DagsterInstance.get() as instance:  # the runs are in the PostgreSQL-backed instance
+        event = instance.get_latest_materialization_event(dg.AssetKey("filtered_posts"))
+        assert event is not None and event.asset_materialization is not None
+        assert event.asset_materialization.metadata["last_processed_id"].value == 6
+        runs = instance.get_runs()
+    assert [(run.job_name, run.status) for run in runs] == [
+        ("stackoverflow_posts_job", dg.DagsterRunStatus.SUCCESS)
+    ] * 2
