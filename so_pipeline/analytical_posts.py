@@ -348,7 +348,9 @@ def _differs(table: sa.Table, other: sa.ColumnCollection, names: list[str]) -> s
     return ours.is_distinct_from(sa.tuple_(*(other[name] for name in names)))
 
 
-def apply_classified(connection: psycopg.Connection, staged: sa.Table) -> Applied:
+def apply_classified(
+    connection: psycopg.Connection, staged: sa.Table, posts_max_id: int | None = None
+) -> Applied:
     """Make the analytical tables hold the staged rows' current values, under the rules.
 
     A kept row is inserted into posts or updated there (only if a value differs), and leaves
@@ -356,14 +358,23 @@ def apply_classified(connection: psycopg.Connection, staged: sa.Table) -> Applie
     something differs) and leaves posts. A soft-deleted row that is staged (it is at the source
     again) is restored. Rows whose values did not change are not written. No id ends in both.
     The caller adds `inserted_rows` to the posts row count (deletions count themselves).
+
+    `posts_max_id`, when the caller knows it (under the lock, before writing): no staged
+    rejected id above it is in posts. A catch-up window's rejected rows all are, and looking
+    for them in posts was a join with the whole table (0.4 s of a 4.4 s window of 1M posts).
     """
     new = staged.c
     kept = new.reason.is_(None)
-    kept_rows, rejected_rows = execute(
+    rejected_maybe_in_posts: sa.ColumnElement[bool] = sa.not_(kept)
+    if posts_max_id is not None:
+        rejected_maybe_in_posts = sa.and_(rejected_maybe_in_posts, new.id <= posts_max_id)
+    kept_rows, rejected_rows, to_leave_posts = execute(
         connection,
-        sa.select(sa.func.count().filter(kept), sa.func.count().filter(sa.not_(kept))).select_from(
-            staged
-        ),
+        sa.select(
+            sa.func.count().filter(kept),
+            sa.func.count().filter(sa.not_(kept)),
+            sa.func.count().filter(rejected_maybe_in_posts),
+        ).select_from(staged),
     ).fetchone()  # type: ignore[misc]
     restored = scalar(
         connection,
@@ -390,7 +401,8 @@ def apply_classified(connection: psycopg.Connection, staged: sa.Table) -> Applie
             ),
         ),
     )
-    execute(connection, sa.delete(posts).where(posts.c.id == new.id, sa.not_(kept)))
+    if to_leave_posts:
+        execute(connection, sa.delete(posts).where(posts.c.id == new.id, rejected_maybe_in_posts))
     added = _insert_rejected(connection, staged)
     inserted, updated = _upsert_posts(connection, staged)
     return Applied(

@@ -38,6 +38,9 @@ from so_pipeline.window import IdRange, PostWindow, cut_ranges, plan_load, strea
 # rows, so ticks keep to one stream, one transaction and two connections.
 MIN_ROWS_PER_STREAM = 50_000
 
+# Below every id: what posts holds at most when it is empty.
+_MIN_BIGINT = -(2**63)
+
 _COPY_INTO_POSTS = analytical.copy_in(analytical.posts, analytical.copied_columns(analytical.posts))
 
 
@@ -145,7 +148,8 @@ class WindowLoader:
             prepare_source_reads(source)
             with target.transaction(), source.transaction():
                 lock_wait = _lock_analytical_writes(target)
-                plan = plan_load(window, analytical.highest_loaded_id(target))
+                posts_max_id = analytical.highest_loaded_id(target)
+                plan = plan_load(window, posts_max_id)
                 ranges = [] if plan.direct is None else self._cut(source, plan.direct, window)
                 with _DirectCopy(self, source, target, ranges) as direct:
                     staged = analytical.create_classified_staging(target)
@@ -155,13 +159,16 @@ class WindowLoader:
                         self._stage(source, target, COPY_REJECTED_POSTS, plan.direct, staged)
                 # 1. Leaving that block committed the parallel streams (they had all finished),
                 # each with its rows added to the row count. Only now may the main transaction
-                # write the count (a stream waiting on its row lock would wait forever): apply
-                # the staged rows, count the main pair's, and let no id the direct COPY wrote
-                # stay in posts_rejected.
-                applied = analytical.apply_classified(target, staged)
-                analytical.add_to_row_count(target, applied.inserted_rows + direct.main_pair_rows)
+                # write the count (a stream waiting on its row lock would wait forever): let no
+                # id the direct COPY wrote stay in posts_rejected (before the window's rejected
+                # rows arrive there, so only earlier ones are looked up), apply the staged
+                # rows, count the main pair's.
                 if plan.direct is not None:
                     analytical.drop_rejected_twins(target, *plan.direct)
+                applied = analytical.apply_classified(
+                    target, staged, _MIN_BIGINT if posts_max_id is None else posts_max_id
+                )
+                analytical.add_to_row_count(target, applied.inserted_rows + direct.main_pair_rows)
             # 2. Leaving this block committed the main transaction, releasing the lock last.
         return WindowLoad(
             kept_rows=applied.kept_rows + direct.rows,

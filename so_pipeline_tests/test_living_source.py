@@ -159,6 +159,25 @@ def test_a_replay_after_a_source_fix_moves_the_post_between_the_tables(
     assert _in_both(databases) == []
 
 
+def test_a_replay_after_a_body_was_emptied_moves_the_post_out_of_posts(
+    databases: PipelineDatabases, instance: dg.DagsterInstance
+) -> None:
+    """The other direction, through the window loader: a replay reads ids posts holds."""
+    _seed(databases, range(1, 4))
+    run_job(instance, change_column="")
+    _source(databases, "UPDATE posts SET body = '' WHERE id = 2")
+
+    replay = run_job(instance, start_after_id=0, change_column="")
+
+    assert replay.metadata()["rows_rejected"] == 1
+    assert databases.loaded_ids() == [1, 3]
+    assert databases.rejected() == {2: "body_empty"}
+    assert databases.query(
+        "analytical", "SELECT row_count FROM so_pipeline_row_counts WHERE table_name = 'posts'"
+    ) == [(2,)]
+    assert _in_both(databases) == []
+
+
 def _reconcile(instance: dg.DagsterInstance) -> dg.AssetCheckEvaluation:
     result = defs.resolve_job_def("stackoverflow_posts_reconciliation_job").execute_in_process(
         instance=instance, raise_on_error=False
