@@ -5,6 +5,7 @@ Fixtures live in conftest.py and build on these; tests import from here, never f
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -12,6 +13,7 @@ import sys
 import time
 import urllib.request
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -302,3 +304,28 @@ def graphql(url: str, query: str, variables: dict[str, Any] | None = None) -> di
         answer = json.loads(response.read())
     assert "errors" not in answer, answer["errors"]
     return answer["data"]
+
+
+SENSORS = {
+    "stackoverflow_posts_catch_up_sensor",
+    "so_pipeline_failure_alerts",
+    "so_pipeline_success_alerts",
+}
+_ANSI_COLOR = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def log_lines(output: Path) -> list[str]:
+    """The lines of a Dagster service's output, without its colours."""
+    return _ANSI_COLOR.sub("", output.read_text(errors="replace")).splitlines()
+
+
+def warnings(lines: Sequence[str]) -> list[str]:
+    """Dagster's log lines at WARNING or above."""
+    return [line for line in lines if re.search(r" - (WARNING|ERROR|CRITICAL) - ", line)]
+
+
+def sensor_evaluations(output: Path) -> Counter[str]:
+    """How often the daemon evaluated each sensor: Dagster logs one such line per evaluation."""
+    checking = re.compile(r"Checking for new runs for sensor: (\w+)")
+    found = (checking.search(line) for line in log_lines(output))
+    return Counter(match[1] for match in found if match)

@@ -7,11 +7,8 @@ for the mail relay) take milliseconds. The daemon test (marked integration) runs
 
 import json
 import os
-import socket
-import subprocess
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from email import message_from_bytes, policy
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -43,7 +40,15 @@ from so_pipeline.alerts import (
 from so_pipeline.tooling import cli
 from so_pipeline.tooling.runs import execute_job
 from so_pipeline.window_checks import BacklogLimits, check_backlog
-from so_pipeline_tests.helpers import BIN, REPO_ROOT, PipelineDatabases, Post
+from so_pipeline_tests.helpers import (
+    BIN,
+    PipelineDatabases,
+    Post,
+    background,
+    free_port,
+    stop_schedule,
+    wait_for,
+)
 
 PASSWORD_MARKER = "pw-MARKER-a1e7"
 SMTP_USER = "alerts"
@@ -53,12 +58,6 @@ UI_BASE_URL = "http://dagster.example:3000"
 
 
 # --- local receivers ----------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @dataclass
@@ -133,7 +132,7 @@ def _authenticate(server: Any, session: Any, envelope: Any, mechanism: str, data
 
 @pytest.fixture
 def mail() -> Iterator[MailReceiver]:
-    receiver = MailReceiver(port=_free_port())
+    receiver = MailReceiver(port=free_port())
     controller = Controller(
         receiver,
         hostname="127.0.0.1",
@@ -394,14 +393,6 @@ FAILURE_SENSOR = "so_pipeline_failure_alerts"
 SUCCESS_SENSOR = "so_pipeline_success_alerts"
 
 
-def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.5)
-
-
 def _sensor_cursor(instance: dg.DagsterInstance, sensor: str) -> int | None:
     """The storage id of the last run status the sensor has seen (None: not started yet)."""
     for state in instance.all_instigator_state():
@@ -433,34 +424,10 @@ def daemon(
     of its own. Yields the file holding the daemon's output.
     """
     env = {**os.environ, **_alert_env(webhook, mail)}
-    subprocess.run(
-        [str(BIN / "dagster"), "schedule", "stop", "stackoverflow_posts_schedule"]
-        + ["-m", "so_pipeline"],
-        cwd=REPO_ROOT,
-        env=env,
-        check=True,
-        capture_output=True,
-        timeout=180,
-    )
+    stop_schedule(env)
     output = tmp_path / "daemon.log"
-    with output.open("wb") as sink:
-        process = subprocess.Popen(
-            [str(BIN / "dagster-daemon"), "run", "-m", "so_pipeline"],
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            process_group=0,
-        )
-    try:
+    with background([str(BIN / "dagster-daemon"), "run", "-m", "so_pipeline"], output, env):
         yield output
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, 9)
-            process.wait(timeout=30)
 
 
 # One post per run and no backlog allowed: backlog_within_limits fails with ERROR.
@@ -483,38 +450,38 @@ def test_the_daemon_alerts_once_per_incident_and_a_dead_channel_leaves_runs_gree
     databases.add_source_posts([Post(id=i) for i in (10, 20, 30)])
     with dg.DagsterInstance.get() as instance:
         # A run-status sensor only reports runs that finish after its first tick.
-        _wait_for(
+        wait_for(
             lambda: all(_sensor_cursor(instance, s) for s in (FAILURE_SENSOR, SUCCESS_SENSOR)),
             "the alert sensors' first tick",
         )
 
         # The analytical database unreachable: a closed port on loopback.
-        unreachable = f"postgresql://so:{PASSWORD_MARKER}@127.0.0.1:{_free_port()}/so"
+        unreachable = f"postgresql://so:{PASSWORD_MARKER}@127.0.0.1:{free_port()}/so"
         monkeypatch.setenv("SO_ANALYTICAL_DATABASE_URL", unreachable)
         first = execute_job(instance, {}, raise_on_error=False)
         assert not first.success
-        _wait_for(lambda: bool(webhook.texts and mail.mails), "the failure alert")
+        wait_for(lambda: bool(webhook.texts and mail.mails), "the failure alert")
 
         second = execute_job(instance, {}, raise_on_error=False)
         monkeypatch.setenv("SO_ANALYTICAL_DATABASE_URL", databases.analytical_url)
         third = execute_job(instance, {}, raise_on_error=False)
         assert (second.success, third.success) == (False, True)
-        _wait_for(lambda: len(webhook.texts) >= 2 and len(mail.mails) >= 2, "'recovered'")
-        _wait_for(lambda: _seen_by_sensor(instance, FAILURE_SENSOR, second.run_id), "run 2")
+        wait_for(lambda: len(webhook.texts) >= 2 and len(mail.mails) >= 2, "'recovered'")
+        wait_for(lambda: _seen_by_sensor(instance, FAILURE_SENSOR, second.run_id), "run 2")
 
         # The pipeline falls behind: one post per run, with a backlog limit of 0 ids.
         databases.add_source_posts([Post(id=i) for i in (40, 50, 60)])
         behind = execute_job(instance, BEHIND_CONFIG, raise_on_error=False)
         assert behind.success
-        _wait_for(lambda: len(webhook.texts) >= 3 and len(mail.mails) >= 3, "the check alert")
+        wait_for(lambda: len(webhook.texts) >= 3 and len(mail.mails) >= 3, "the check alert")
 
         # The webhook answers 500, the relay refuses: the next alert (the check recovered)
         # fails on both, and the runs stay green.
         webhook.status, mail.refuse = 500, True
         fixed = execute_job(instance, {}, raise_on_error=False)
         assert fixed.success
-        _wait_for(lambda: webhook.attempts >= 6 and mail.refusals >= 3, "three attempts each")
-        _wait_for(lambda: _seen_by_sensor(instance, SUCCESS_SENSOR, fixed.run_id), "the run")
+        wait_for(lambda: webhook.attempts >= 6 and mail.refusals >= 3, "three attempts each")
+        wait_for(lambda: _seen_by_sensor(instance, SUCCESS_SENSOR, fixed.run_id), "the run")
         after = execute_job(instance, {}, raise_on_error=False)
         assert after.success
 

@@ -1,7 +1,6 @@
 """The Dagster daemon as an operator meets it: quiet when there is nothing to do, and the run
 queue that holds the UI's Materialize button behind a job run in progress (under `dg dev`)."""
 
-import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -12,39 +11,26 @@ import pytest
 
 from so_pipeline_tests.helpers import (
     BIN,
+    SENSORS,
     PipelineDatabases,
     Post,
     background,
     free_port,
     graphql,
+    log_lines,
     run_job,
+    sensor_evaluations,
     stop_schedule,
     wait_for,
     wait_for_webserver,
+    warnings,
 )
 
 pytestmark = pytest.mark.integration
 
-SENSORS = {
-    "stackoverflow_posts_catch_up_sensor",
-    "so_pipeline_failure_alerts",
-    "so_pipeline_success_alerts",
-}
 # How long the idle daemon is watched after its first ticks: within it, a sensor evaluated every
 # 10 s (as they were) is evaluated 3 times, every SENSOR_INTERVAL_SECONDS once.
 IDLE_SECONDS = 25
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def _log_lines(output: Path) -> list[str]:
-    return _ANSI.sub("", output.read_text(errors="replace")).splitlines()
-
-
-def _sensor_evaluations(output: Path) -> Counter[str]:
-    """How often the daemon evaluated each sensor: Dagster logs one such line per evaluation."""
-    checking = re.compile(r"Checking for new runs for sensor: (\w+)")
-    found = (checking.search(line) for line in _log_lines(output))
-    return Counter(match[1] for match in found if match)
 
 
 def test_an_idle_daemon_logs_each_sensor_once_per_interval_and_no_warning(
@@ -58,16 +44,16 @@ def test_an_idle_daemon_logs_each_sensor_once_per_interval_and_no_warning(
 
     # As on a server (deploy/dagster-daemon.service): from the repository, with workspace.yaml.
     with background([str(BIN / "dagster-daemon"), "run", "-w", "workspace.yaml"], output):
-        wait_for(lambda: set(_sensor_evaluations(output)) == SENSORS, "each sensor's first tick")
+        wait_for(lambda: set(sensor_evaluations(output)) == SENSORS, "each sensor's first tick")
         time.sleep(IDLE_SECONDS)
-        evaluations = _sensor_evaluations(output)
+        evaluations = sensor_evaluations(output)
 
-    lines = _log_lines(output)
+    lines = log_lines(output)
     assert evaluations == Counter(SENSORS), evaluations
     sensor_lines = [line for line in lines if "dagster.daemon.SensorDaemon - " in line]
     assert len(sensor_lines) <= 2 * len(SENSORS), sensor_lines
     assert any("0 ids behind the source: the schedule keeps up" in line for line in sensor_lines)
-    assert not [line for line in lines if re.search(r" - (WARNING|ERROR|CRITICAL) - ", line)]
+    assert not warnings(lines)
 
 
 _LAUNCH_RUN = """
@@ -163,7 +149,7 @@ def test_the_materialize_button_waits_for_a_job_run_then_loads_only_what_is_new(
             ],
         )
         blocked = f"Run {button_run} is blocked by global concurrency limits"
-        wait_for(lambda: any(blocked in line for line in _log_lines(output)), "the queue's verdict")
+        wait_for(lambda: any(blocked in line for line in log_lines(output)), "the queue's verdict")
         assert _status(instance, button_run) == dg.DagsterRunStatus.QUEUED
         assert _status(instance, job_run) == dg.DagsterRunStatus.STARTED
 

@@ -1,5 +1,5 @@
 """Dagster's `dg` CLI on this project, as its docs lay one out: `dg check defs`, `dg list defs`,
-`dg launch` (`dg dev` is started by test_daemon.py)."""
+`dg launch`, and `so-pipeline dev`'s `dg dev` (test_daemon.py starts `dg dev` from the project)."""
 
 import json
 import subprocess
@@ -8,7 +8,21 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from so_pipeline_tests.helpers import BIN, REPO_ROOT, PipelineDatabases, Post
+from so_pipeline_tests.helpers import (
+    BIN,
+    REPO_ROOT,
+    SENSORS,
+    PipelineDatabases,
+    Post,
+    background,
+    free_port,
+    graphql,
+    log_lines,
+    sensor_evaluations,
+    wait_for,
+    wait_for_webserver,
+    warnings,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -70,3 +84,24 @@ def test_dg_launch_loads_the_next_window_and_moves_the_cursor(
     assert [(run.job_name, run.status) for run in runs] == [
         ("stackoverflow_posts_job", dg.DagsterRunStatus.SUCCESS)
     ] * 2
+
+
+_LOCATIONS = "{ workspaceOrError { ... on Workspace { locationEntries { name loadStatus } } } }"
+
+
+def test_so_pipeline_dev_serves_the_ui_through_dg_dev_without_a_warning(tmp_path: Path) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    output = tmp_path / "dev.log"
+    command = [str(BIN / "so-pipeline"), "--home", str(tmp_path / "state"), "dev"]
+
+    with background([*command, "--port", str(port)], output) as dev:
+        wait_for_webserver(url, dev)
+        locations = graphql(url, _LOCATIONS)["workspaceOrError"]["locationEntries"]
+        wait_for(lambda: set(sensor_evaluations(output)) == SENSORS, "the daemon's first ticks")
+
+    assert locations == [{"name": "so_pipeline", "loadStatus": "LOADED"}]
+    lines = log_lines(output)
+    # Neither "dagster dev is superseded by dg dev" nor "the dagster.yaml here is not used".
+    assert not warnings(lines), warnings(lines)
+    assert not [line for line in lines if "superseded" in line or "dagster.yaml" in line]

@@ -8,17 +8,21 @@ import contextlib
 import os
 import re
 import shutil
-import socket
-import subprocess
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
 import pytest
 
-from so_pipeline_tests.helpers import BIN, REPO_ROOT, PipelineDatabases, Post, run_until_caught_up
+from so_pipeline_tests.helpers import (
+    BIN,
+    PipelineDatabases,
+    Post,
+    background,
+    free_port,
+    run_until_caught_up,
+    wait_for_webserver,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -39,31 +43,14 @@ CHROMIUM_ARGS = [
 
 
 @pytest.fixture
-def webserver(dagster_home: Path) -> Iterator[str]:
+def webserver(dagster_home: Path, tmp_path: Path) -> Iterator[str]:
     """dagster-webserver on a free loopback port, against the test's DAGSTER_HOME."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    process = subprocess.Popen(
-        [str(BIN / "dagster-webserver"), "-m", "so_pipeline", "-h", "127.0.0.1", "-p", str(port)],
-        cwd=REPO_ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/server_info", timeout=2)
-            break
-        except OSError:
-            if time.monotonic() > deadline or process.poll() is not None:
-                process.kill()
-                raise
-            time.sleep(0.3)
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
+    port = free_port()
+    command = [str(BIN / "dagster-webserver"), "-m", "so_pipeline", "-h", "127.0.0.1"]
+    with background([*command, "-p", str(port)], tmp_path / "webserver.log") as process:
+        url = f"http://127.0.0.1:{port}"
+        wait_for_webserver(url, process)
+        yield url
 
 
 def test_the_materialization_history_lists_each_run_with_its_cursor(
