@@ -39,7 +39,7 @@ def test_the_catch_up_sensor_starts_the_job_and_is_on_by_default() -> None:
     sensor = defs.resolve_sensor_def("stackoverflow_posts_catch_up_sensor")
     assert sensor.job_name == "stackoverflow_posts_job"
     assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
-    assert sensor.minimum_interval_seconds == 10
+    assert sensor.minimum_interval_seconds == 30  # the daemon logs 2 lines per evaluation
 
 
 def test_the_full_reconciliation_runs_daily_in_its_own_job() -> None:
