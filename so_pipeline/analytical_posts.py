@@ -426,7 +426,12 @@ def _insert_rejected(connection: psycopg.Connection, staged: sa.Table) -> dict[s
         .returning(posts_rejected.c.reason)
         .cte("inserted")
     )
-    by_reason = sa.select(inserted.c.reason, sa.func.count()).group_by(inserted.c.reason)
+    return _count_rejected(connection, inserted)
+
+
+def _count_rejected(connection: psycopg.Connection, rows: sa.FromClause) -> dict[str, int]:
+    """Add `rows` (just written to posts_rejected) to its row counts; return them by reason."""
+    by_reason = sa.select(rows.c.reason, sa.func.count()).group_by(rows.c.reason)
     added = dict(execute(connection, by_reason).fetchall())
     for reason, count in added.items():
         add_to_row_count(connection, count, _REJECTED_KEY_PREFIX + reason)
@@ -452,13 +457,30 @@ def _upsert_posts(connection: psycopg.Connection, staged: sa.Table) -> tuple[int
     return inserted, updated
 
 
+def _rejected_in(after_id: int | None, last_id: int) -> list[sa.ColumnElement[bool]]:
+    """posts_rejected's ids in (after_id, last_id]."""
+    rejected = posts_rejected.c
+    return [rejected.id <= last_id] + ([] if after_id is None else [rejected.id > after_id])
+
+
 def drop_rejected_twins(connection: psycopg.Connection, after_id: int | None, last_id: int) -> int:
     """Remove from posts_rejected the ids of (after_id, last_id] that posts now holds."""
-    rejected = posts_rejected.c
-    in_range = [rejected.id <= last_id, rejected.id == posts.c.id]
-    if after_id is not None:
-        in_range.append(rejected.id > after_id)
-    return execute(connection, sa.delete(posts_rejected).where(*in_range)).rowcount
+    twins = [*_rejected_in(after_id, last_id), posts_rejected.c.id == posts.c.id]
+    return execute(connection, sa.delete(posts_rejected).where(*twins)).rowcount
+
+
+def holds_rejected_ids(connection: psycopg.Connection, after_id: int | None, last_id: int) -> bool:
+    """Whether posts_rejected holds any id of (after_id, last_id]."""
+    return scalar(connection, sa.select(sa.exists().where(*_rejected_in(after_id, last_id))))
+
+
+def count_copied_rejected(
+    connection: psycopg.Connection, after_id: int | None, last_id: int
+) -> dict[str, int]:
+    """Count the rows COPY wrote straight into posts_rejected for (after_id, last_id] (which
+    held none before): add them to the row counts, return them by reason."""
+    written = sa.select(posts_rejected.c.reason).where(*_rejected_in(after_id, last_id))
+    return _count_rejected(connection, written.subquery())
 
 
 def rejected_totals(connection: psycopg.Connection) -> dict[str, int]:

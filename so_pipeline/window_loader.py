@@ -9,6 +9,7 @@ with `ON CONFLICT (id) DO NOTHING`.
 """
 
 import time
+from collections import Counter
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -151,32 +152,44 @@ class WindowLoader:
                 posts_max_id = analytical.highest_loaded_id(target)
                 plan = plan_load(window, posts_max_id)
                 ranges = [] if plan.direct is None else self._cut(source, plan.direct, window)
+                # The direct range's rejected rows go straight into posts_rejected too when it
+                # holds none of its ids (a catch-up): nothing to stage, merge or look up.
+                direct_rejects = (
+                    plan.direct
+                    if plan.direct and not analytical.holds_rejected_ids(target, *plan.direct)
+                    else None
+                )
                 with _DirectCopy(self, source, target, ranges) as direct:
                     staged = analytical.create_classified_staging(target)
                     for id_range in plan.merged:
-                        self._stage(source, target, COPY_CLASSIFIED_POSTS, id_range, staged)
+                        self._copy(source, target, COPY_CLASSIFIED_POSTS, id_range, staged)
                     if plan.direct is not None:
-                        self._stage(source, target, COPY_REJECTED_POSTS, plan.direct, staged)
+                        into = analytical.posts_rejected if direct_rejects else staged
+                        self._copy(source, target, COPY_REJECTED_POSTS, plan.direct, into)
                 # 1. Leaving that block committed the parallel streams (they had all finished),
                 # each with its rows added to the row count. Only now may the main transaction
-                # write the count (a stream waiting on its row lock would wait forever): let no
-                # id the direct COPY wrote stay in posts_rejected (before the window's rejected
-                # rows arrive there, so only earlier ones are looked up), apply the staged
-                # rows, count the main pair's.
-                if plan.direct is not None:
+                # write the counts (a stream waiting on its row lock would wait forever).
+                newly_rejected: Counter[str] = Counter()
+                if direct_rejects:
+                    newly_rejected.update(analytical.count_copied_rejected(target, *direct_rejects))
+                elif plan.direct is not None:
+                    # No id the direct COPY wrote may stay in posts_rejected (looked up before
+                    # the staged rejected rows arrive there, so among earlier ones only).
                     analytical.drop_rejected_twins(target, *plan.direct)
                 applied = analytical.apply_classified(
                     target, staged, _MIN_BIGINT if posts_max_id is None else posts_max_id
                 )
                 analytical.add_to_row_count(target, applied.inserted_rows + direct.main_pair_rows)
+                copied_rejected_rows = newly_rejected.total()
+                newly_rejected.update(applied.newly_rejected_by_reason)
             # 2. Leaving this block committed the main transaction, releasing the lock last.
         return WindowLoad(
             kept_rows=applied.kept_rows + direct.rows,
             loaded_rows=applied.inserted_rows + direct.rows,
             updated_rows=applied.updated_rows,
             restored_rows=applied.restored_rows,
-            rejected_rows=applied.rejected_rows,
-            newly_rejected_by_reason=applied.newly_rejected_by_reason,
+            rejected_rows=applied.rejected_rows + copied_rejected_rows,
+            newly_rejected_by_reason=dict(newly_rejected),
             wrote_directly=plan.direct is not None,
             lock_wait_seconds=lock_wait,
             copy_streams=max(len(ranges), 1),
@@ -199,17 +212,18 @@ class WindowLoader:
         params = range_params(*id_range, self._rules)
         return pipe_copy(source, COPY_KEPT_POSTS, params, target, _COPY_INTO_POSTS)
 
-    def _stage(
+    def _copy(
         self,
         source: psycopg.Connection,
         target: psycopg.Connection,
         copy_out: sql.Composed,
         id_range: IdRange,
-        staged: sa.Table,
+        into: sa.Table,
     ) -> int:
-        """Copy classified rows of `id_range` (`copy_out` chooses which) into `staged`."""
+        """Copy classified rows of `id_range` (`copy_out` chooses which) into `into` (a
+        staging table, or posts_rejected)."""
         params = range_params(*id_range, self._rules)
-        copy_in = analytical.copy_in(staged.name, analytical.CLASSIFIED_COLUMNS)
+        copy_in = analytical.copy_in(into.name, analytical.CLASSIFIED_COLUMNS)
         return pipe_copy(source, copy_out, params, target, copy_in)
 
     def open_stream_pair(

@@ -84,6 +84,23 @@ def test_a_fully_rejected_window_still_advances_the_cursor(
     assert databases.loaded_ids() == [9]
 
 
+def test_a_window_re_read_over_rejected_posts_only_counts_them_as_already_rejected(
+    databases: PipelineDatabases, instance: dg.DagsterInstance
+) -> None:
+    """posts is empty, so the window goes the direct way; posts_rejected holds its ids, so its
+    rejected rows are merged, not copied in again (a unique violation)."""
+    databases.add_source_posts([Post(id=1, body=""), Post(id=2, body=None)])
+    run_job(instance)
+
+    replay = run_job(instance, start_after_id=0)
+
+    assert replay.success
+    assert replay.metadata()["rows_already_rejected"] == 2
+    assert replay.metadata()["rows_rejected"] == 0
+    assert replay.metadata()["rejected_total"] == 2
+    assert databases.rejected() == {1: "body_empty", 2: "body_null"}
+
+
 def test_sql_whitespace_rule_matches_python_isspace(postgres_server: LocalServer) -> None:
     """The rule runs in PostgreSQL; check it against Python for every relevant character.
 
