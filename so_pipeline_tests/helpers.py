@@ -127,6 +127,11 @@ class PipelineDatabases:
         return dict(self.query("analytical", "SELECT id, reason FROM posts_rejected"))
 
 
+def with_password(url: str, password: str) -> str:
+    """`url` with another password (the embedded server trusts local logins: any works)."""
+    return sa.make_url(url).set(password=password).render_as_string(hide_password=False)
+
+
 def generate_source_posts(source_url: str, rows: int) -> list[int]:
     """Fill the source with `rows` ~1 KB posts; return the ids the pipeline must keep.
 

@@ -24,6 +24,7 @@ from so_pipeline_tests.helpers import (
     wait_for,
     wait_for_webserver,
     warnings,
+    with_password,
 )
 
 pytestmark = pytest.mark.integration
@@ -31,6 +32,7 @@ pytestmark = pytest.mark.integration
 # How long the idle daemon is watched after its first ticks: within it, a sensor evaluated every
 # 10 s (as they were) is evaluated 3 times, every SENSOR_INTERVAL_SECONDS once.
 IDLE_SECONDS = 25
+PASSWORD = "dev-MARKER-91ab"
 
 
 def test_an_idle_daemon_logs_each_sensor_once_per_interval_and_no_warning(
@@ -114,8 +116,12 @@ def _run_times(instance: dg.DagsterInstance, run_id: str) -> tuple[float, float]
 
 
 def test_the_materialize_button_waits_for_a_job_run_then_loads_only_what_is_new(
-    databases: PipelineDatabases, dagster_home: Path, tmp_path: Path
+    databases: PipelineDatabases,
+    dagster_home: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setenv("SO_SOURCE_DATABASE_URL", with_password(databases.source_url, PASSWORD))
     databases.add_source_posts([Post(id=i) for i in range(1, 6)])
     with dg.DagsterInstance.get() as instance:
         assert run_job(instance).success  # posts 1..5 loaded, cursor 5
@@ -168,3 +174,4 @@ def test_the_materialize_button_waits_for_a_job_run_then_loads_only_what_is_new(
     assert by_button["cursor_before"] == "10"  # a label
     assert (by_button["last_processed_id"], by_button["rows_loaded"]) == (13, 3)
     assert databases.loaded_ids() == list(range(1, 14))  # each post once
+    assert PASSWORD not in output.read_text(errors="replace")

@@ -22,9 +22,12 @@ from so_pipeline_tests.helpers import (
     wait_for,
     wait_for_webserver,
     warnings,
+    with_password,
 )
 
 pytestmark = pytest.mark.integration
+
+PASSWORD = "dg-MARKER-5e0c"
 
 
 def dg_command(*args: str) -> subprocess.CompletedProcess[str]:
@@ -60,9 +63,13 @@ def test_dg_check_and_list_defs_find_the_code_location(dagster_home: Path) -> No
 
 
 def test_dg_launch_loads_the_next_window_and_moves_the_cursor(
-    databases: PipelineDatabases, dagster_home: Path, tmp_path: Path
+    databases: PipelineDatabases,
+    dagster_home: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     databases.add_source_posts([Post(id=i) for i in range(1, 6)] + [Post(id=6, body=" ")])
+    monkeypatch.setenv("SO_SOURCE_DATABASE_URL", with_password(databases.source_url, PASSWORD))
     run_config = tmp_path / "window.yaml"
     run_config.write_text("ops:\n  source_posts_batch:\n    config:\n      batch_size: 4\n")
     launch = ("launch", "--job", "stackoverflow_posts_job", "--config", str(run_config))
@@ -73,6 +80,7 @@ def test_dg_launch_loads_the_next_window_and_moves_the_cursor(
 
     assert first.returncode == 0, first.stderr[-3000:]
     assert second.returncode == 0, second.stderr[-3000:]
+    assert PASSWORD not in first.stdout + first.stderr + second.stdout + second.stderr
     assert loaded_by_first == [1, 2, 3, 4]
     assert databases.loaded_ids() == [1, 2, 3, 4, 5]
     assert databases.rejected() == {6: "body_whitespace_only"}

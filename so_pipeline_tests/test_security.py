@@ -11,15 +11,17 @@ import sqlalchemy as sa
 from psycopg import sql
 
 from so_pipeline.tooling.runs import execute_job
-from so_pipeline_tests.helpers import PipelineDatabases, Post, dagster_job_execute, run_job
+from so_pipeline_tests.helpers import (
+    PipelineDatabases,
+    Post,
+    dagster_job_execute,
+    run_job,
+    with_password,
+)
 
 pytestmark = pytest.mark.integration
 
 MARKER = "s3cret-MARKER-" + uuid.uuid4().hex[:8]
-
-
-def _with_password(url: str, password: str) -> str:
-    return sa.make_url(url).set(password=password).render_as_string(hide_password=False)
 
 
 def test_passwords_never_reach_logs_metadata_or_errors(
@@ -27,9 +29,9 @@ def test_passwords_never_reach_logs_metadata_or_errors(
 ) -> None:
     """The embedded server trusts local logins, so any password works: use a unique marker."""
     databases.add_source_posts([Post(id=1), Post(id=2, body="")])
-    monkeypatch.setenv("SO_SOURCE_DATABASE_URL", _with_password(databases.source_url, MARKER))
+    monkeypatch.setenv("SO_SOURCE_DATABASE_URL", with_password(databases.source_url, MARKER))
     monkeypatch.setenv(
-        "SO_ANALYTICAL_DATABASE_URL", _with_password(databases.analytical_url, MARKER)
+        "SO_ANALYTICAL_DATABASE_URL", with_password(databases.analytical_url, MARKER)
     )
     outputs = [dagster_job_execute()]  # succeeds
     assert outputs[0].returncode == 0, outputs[0].stderr[-2000:]
