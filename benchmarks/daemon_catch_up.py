@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
-import psycopg
 
 from benchmarks.throughput import (
     BIN,
@@ -43,8 +42,8 @@ from benchmarks.throughput import (
     high_water_mark,
     loaded_fingerprint,
     max_id,
+    server_has_lz4,
 )
-from so_pipeline.analytical_posts import lz4_available
 from so_pipeline.jobs import CATCH_UP_RUN_SECONDS
 
 FULL_TABLE_POSTS = 55_000_000
@@ -74,9 +73,7 @@ def main() -> None:
 
 
 def run(bench: Bench, rows: int, rounds: int) -> None:
-    with psycopg.connect(bench.source) as connection:
-        lz4 = lz4_available(connection)
-    print(f"Server {bench.server.bin_dir}: {'with' if lz4 else 'without'} lz4")
+    lz4 = server_has_lz4(bench)
     pipes, lz4_pipes, catch_ups = [], [], []
     for round_number in range(1, rounds + 1):
         print(f"Round {round_number}/{rounds} ...", flush=True)
