@@ -194,7 +194,9 @@ class Bench:
             run_seconds, rss, _ = self.execute_job(env, batch_size, copy_streams)
             runs, seconds, peak = runs + 1, seconds + run_seconds, max(peak, rss)
             load_seconds += _step_seconds(env, "filtered_posts")
-            if _processed_max_id(target) == max_id(self.source):
+            with psycopg.connect(target) as connection:
+                caught_up = processed_max_id(connection) == max_id(self.source)
+            if caught_up:
                 break
         if copy_streams is None:
             self.load_phase.append(load_seconds)
@@ -300,11 +302,13 @@ def max_id(url: str) -> int:
         return connection.execute("SELECT max(id) FROM posts").fetchone()[0]  # type: ignore[index]
 
 
-def _processed_max_id(url: str) -> int | None:
-    with psycopg.connect(url) as connection:
-        return connection.execute(
-            "SELECT greatest((SELECT max(id) FROM posts), (SELECT max(id) FROM posts_rejected))"
-        ).fetchone()[0]  # type: ignore[index]
+def processed_max_id(connection: psycopg.Connection) -> int | None:
+    """The highest id in the analytical tables (None before they exist or hold a row)."""
+    if connection.execute("SELECT to_regclass('posts_rejected')").fetchone() == (None,):
+        return None
+    return connection.execute(
+        "SELECT greatest((SELECT max(id) FROM posts), (SELECT max(id) FROM posts_rejected))"
+    ).fetchone()[0]  # type: ignore[index]
 
 
 def add_posts(source: str, rows: int) -> None:
