@@ -58,27 +58,47 @@ def test_an_idle_daemon_logs_each_sensor_once_per_interval_and_no_warning(
     assert not warnings(lines)
 
 
-_LAUNCH_RUN = """
-mutation Launch($executionParams: ExecutionParams!) {
-  launchRun(executionParams: $executionParams) {
+_LAUNCH = """
+mutation LaunchPipelineExecution($executionParams: ExecutionParams!) {
+  launchPipelineExecution(executionParams: $executionParams) {
     __typename
     ... on LaunchRunSuccess { run { runId } }
     ... on PythonError { message }
   }
 }
 """
+# What the "Materialize" button on filtered_posts' page sends (read from its request in
+# Chromium): the asset alone in the implicit asset job, with every check on the asset.
+MATERIALIZE_BUTTON = {
+    "pipelineName": "__ASSET_JOB",
+    "assetSelection": [{"path": ["filtered_posts"]}],
+    "assetCheckSelection": [
+        {"name": name, "assetKey": {"path": ["filtered_posts"]}}
+        for name in (
+            "backlog_within_limits",
+            "loaded_bodies_are_not_blank",
+            "post_ids_are_unique",
+            "reconciled_with_source",
+        )
+    ],
+}
+LAUNCHPAD = {"pipelineName": "stackoverflow_posts_job"}
 
 
-def _launch(webserver: str, job: str, **selection: object) -> str:
-    """Launch `job` through the webserver's GraphQL API, as the UI's buttons do; its run id."""
-    selector = {
-        "repositoryLocationName": "so_pipeline",
-        "repositoryName": "__repository__",
-        "jobName": job,
-        **selection,
+def _launch(webserver: str, selection: dict[str, object]) -> str:
+    """Launch a run through the webserver's GraphQL API as the UI does; its run id."""
+    params = {
+        "selector": {
+            "repositoryLocationName": "so_pipeline",
+            "repositoryName": "__repository__",
+            **selection,
+        },
+        "mode": "default",
+        "runConfigData": "{}",
+        "executionMetadata": {"tags": [{"key": "dagster/from_ui", "value": "true"}]},
     }
-    params = {"selector": selector, "mode": "default", "executionMetadata": {"tags": []}}
-    launched = graphql(webserver, _LAUNCH_RUN, {"executionParams": params})["launchRun"]
+    answer = graphql(webserver, _LAUNCH, {"executionParams": params})
+    launched = answer["launchPipelineExecution"]
     assert launched["__typename"] == "LaunchRunSuccess", launched
     return launched["run"]["runId"]
 
@@ -107,6 +127,16 @@ def _materialized(instance: dg.DagsterInstance, run_id: str, asset: str) -> dict
         if materialization is not None and materialization.asset_key == dg.AssetKey(asset):
             return {key: value.value for key, value in materialization.metadata.items()}
     return {}
+
+
+def _check_results(instance: dg.DagsterInstance, run_id: str) -> dict[str, bool]:
+    """Whether each check evaluated in the run passed, by check name."""
+    results = {}
+    for entry in instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION):
+        assert entry.dagster_event is not None
+        evaluation = entry.dagster_event.asset_check_evaluation_data
+        results[evaluation.check_name] = evaluation.passed
+    return results
 
 
 def _run_times(instance: dg.DagsterInstance, run_id: str) -> tuple[float, float]:
@@ -140,20 +170,12 @@ def test_the_materialize_button_waits_for_a_job_run_then_loads_only_what_is_new(
         wait_for_webserver(webserver, dev)
         # Another session holds the analytical posts table: the job's run stops inside its load.
         holder.execute("LOCK TABLE posts IN ACCESS EXCLUSIVE MODE")
-        job_run = _launch(webserver, "stackoverflow_posts_job")
+        job_run = _launch(webserver, LAUNCHPAD)
         wait_for(lambda: _materialized(instance, job_run, "source_posts_batch"), "the window")
         wait_for(lambda: _waits_for_a_lock(databases.analytical_url), "the job run's load")
         databases.add_source_posts([Post(id=i) for i in range(11, 14)])  # after its window
 
-        button_run = _launch(
-            webserver,
-            "__ASSET_JOB",
-            assetSelection=[{"path": ["filtered_posts"]}],
-            assetCheckSelection=[
-                {"assetKey": {"path": ["filtered_posts"]}, "name": name}
-                for name in ("post_ids_are_unique", "backlog_within_limits")
-            ],
-        )
+        button_run = _launch(webserver, MATERIALIZE_BUTTON)
         blocked = f"Run {button_run} is blocked by global concurrency limits"
         wait_for(lambda: any(blocked in line for line in log_lines(output)), "the queue's verdict")
         assert _status(instance, button_run) == dg.DagsterRunStatus.QUEUED
@@ -167,11 +189,19 @@ def test_the_materialize_button_waits_for_a_job_run_then_loads_only_what_is_new(
         by_job = _materialized(instance, job_run, "filtered_posts")
         by_button = _materialized(instance, button_run, "filtered_posts")
         job_times, button_times = _run_times(instance, job_run), _run_times(instance, button_run)
+        button_checks = _check_results(instance, button_run)
 
     assert button_times[0] >= job_times[1]  # started after the job's run ended
     assert (by_job["last_processed_id"], by_job["rows_loaded"]) == (10, 5)
     # The button's run planned its own window from the cursor the job's run left: 11..13.
     assert by_button["cursor_before"] == "10"  # a label
     assert (by_button["last_processed_id"], by_button["rows_loaded"]) == (13, 3)
+    # The button also runs the whole-table checks (the job leaves them to the daily one).
+    assert button_checks == {
+        "backlog_within_limits": True,
+        "loaded_bodies_are_not_blank": True,
+        "post_ids_are_unique": True,
+        "reconciled_with_source": True,
+    }
     assert databases.loaded_ids() == list(range(1, 14))  # each post once
     assert PASSWORD not in output.read_text(errors="replace")
