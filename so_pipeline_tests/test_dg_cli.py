@@ -1,5 +1,6 @@
 """Dagster's `dg` CLI on this project, as its docs lay one out: `dg check defs`, `dg list defs`,
-`dg launch`, and `so-pipeline dev`'s `dg dev` (test_daemon.py starts `dg dev` from the project)."""
+`dg launch`, and `so-pipeline dev`'s `dg dev` (test_daemon.py starts `dg dev` from the project);
+and `dagster dev`, which it supersedes, still serving the code location."""
 
 import json
 import subprocess
@@ -95,6 +96,18 @@ def test_dg_launch_loads_the_next_window_and_moves_the_cursor(
 
 
 _LOCATIONS = "{ workspaceOrError { ... on Workspace { locationEntries { name loadStatus } } } }"
+
+
+def test_dagster_dev_still_serves_the_code_location(dagster_home: Path, tmp_path: Path) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [str(BIN / "dagster"), "dev", "-m", "so_pipeline", "-h", "127.0.0.1"]
+
+    with background([*command, "-p", str(port)], tmp_path / "dev.log") as dev:
+        wait_for_webserver(url, dev)
+        locations = graphql(url, _LOCATIONS)["workspaceOrError"]["locationEntries"]
+
+    assert locations == [{"name": "so_pipeline", "loadStatus": "LOADED"}]
 
 
 def test_so_pipeline_dev_serves_the_ui_through_dg_dev_without_a_warning(tmp_path: Path) -> None:
