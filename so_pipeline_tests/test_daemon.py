@@ -30,7 +30,7 @@ from so_pipeline_tests.helpers import (
 pytestmark = pytest.mark.integration
 
 # How long the idle daemon is watched after its first ticks: within it, a sensor evaluated every
-# 10 s (as they were) is evaluated 3 times, every SENSOR_INTERVAL_SECONDS once.
+# 10 s (as they were) is evaluated 3 times, one evaluated every 30 s (as they are) once.
 IDLE_SECONDS = 25
 PASSWORD = "dev-MARKER-91ab"
 
