@@ -181,18 +181,21 @@ def _daemon(env: dict[str, str], log: Path) -> Iterator[dict[str, list[int]]]:
 
 
 def _sample_tree(root_pid: int, peaks: dict[str, list[int]], done: threading.Event) -> None:
-    """Every 50 ms, the high-water RSS of each process under `root_pid`, by role."""
+    """Every 0.25 s, the high-water RSS of each process under `root_pid`, by role.
+
+    (A high-water mark: only a process that lives less than the interval could be missed;
+    sampling more often took a few % of a core from the run being measured.)
+    """
     by_pid: dict[int, tuple[str, int]] = {}
     root = psutil.Process(root_pid)
     while not done.is_set():
         try:
             for process in [root, *root.children(recursive=True)]:
-                role = _role(root_pid, process)
-                previous = by_pid.get(process.pid, (role, 0))[1]
+                role, previous = by_pid.get(process.pid) or (_role(root_pid, process), 0)
                 by_pid[process.pid] = (role, max(previous, high_water_mark(process.pid)))
         except psutil.Error:
             pass
-        done.wait(0.05)
+        done.wait(0.25)
     for role, peak in by_pid.values():
         peaks.setdefault(role, []).append(peak)
 
