@@ -156,6 +156,7 @@ def test_each_shipped_instance_config_loads_in_dagster(
         queue = instance.get_concurrency_config().run_queue_config  # what the daemon applies
         assert queue is not None
         assert _limits_on_the_job(queue.tag_concurrency_limits) == [1]
+        assert coordinator.dequeue_interval_seconds == 1
         if variant == "dagster.yaml":
             assert isinstance(instance.run_launcher, dg.DefaultRunLauncher)
 
