@@ -5,7 +5,6 @@ so memory is the same for every format and every file size, decompression overla
 and closing the dump stops the thread at its next chunk instead of reading to the end.
 """
 
-import gzip
 import lzma
 import threading
 import zlib
@@ -13,16 +12,19 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, BinaryIO, Generic, TypeVar
 
 # Bytes of XML read ahead of the parser: enough to ride out a slow decompressor block.
 READ_AHEAD_BYTES = 8 * 1024 * 1024
-# Pieces handed to the parser: small enough to keep the queue's bound tight.
-PIECE_BYTES = 256 * 1024
-# Decompressed per call: zlib and lzma release the GIL while they work, and the reading
-# thread then waits up to a switch interval (5 ms) to get it back from the parser, so each
-# call should take well over 5 ms.
+# Pieces handed to the parser: small enough to keep the queue's bound tight, large enough
+# that handing them over (the GIL passes between threads each time) costs little.
+PIECE_BYTES = 1024 * 1024
+# Read or decompressed per call. Reads, zlib and lzma release the GIL while they work, and
+# the reading thread then waits up to a switch interval (5 ms) to get it back from the
+# parser, which holds it while lxml runs: each call should take well over 5 ms.
 BLOCK_BYTES = 4 * 1024 * 1024
+# LZMA, at 80 MB/s the slowest stage of a .7z load, gets larger calls still.
+LZMA_BLOCK_BYTES = 16 * 1024 * 1024
 
 T = TypeVar("T")
 
@@ -153,13 +155,43 @@ def open_dump(path: Path) -> Iterator[DumpReader]:
     reader = DumpReader(path, None if gz else size, size)
 
     def read_all() -> None:
-        with raw, gzip.GzipFile(fileobj=raw) if gz else raw as stream:
-            while chunk := stream.read(BLOCK_BYTES):
-                reader.put_pieces(chunk)
-                reader.file_bytes_read = raw.tell()
+        with raw:
+            if gz:
+                _gunzip(raw, reader)
+            else:
+                while chunk := raw.read(BLOCK_BYTES):
+                    reader.put_pieces(chunk)
 
-    with _reading_thread(reader, read_all, (EOFError, gzip.BadGzipFile)):
+    with _reading_thread(reader, read_all, (EOFError, zlib.error)):
         yield reader
+
+
+def _gunzip(raw: BinaryIO, reader: DumpReader) -> None:
+    """Decompress a .gz (one or more members) into `reader`; zlib checks each member's CRC.
+
+    Not GzipFile: it inflates 128 KB of input per call, about 2 ms, so its thread would
+    spend more time waiting for the GIL than inflating.
+    """
+    decompressor = zlib.decompressobj(wbits=31)
+    in_member = False
+    data = b""
+    while True:
+        if not data:
+            data = raw.read(BLOCK_BYTES // 4)
+            reader.file_bytes_read = raw.tell()
+            if not data and not in_member:
+                return
+        # With data b"" (the file has ended) this drains what the last call held back.
+        chunk = decompressor.decompress(data, BLOCK_BYTES)
+        if not data and not chunk:
+            raise EOFError("the compressed stream ends early")
+        in_member = True
+        reader.put_pieces(chunk)
+        data = decompressor.unconsumed_tail
+        if decompressor.eof:  # another member may follow, after zero padding
+            data = decompressor.unused_data.lstrip(b"\0")
+            decompressor = zlib.decompressobj(wbits=31)
+            in_member = False
 
 
 @contextmanager
@@ -298,11 +330,11 @@ def _decompress_lzma2(
             if decompressor.needs_input:
                 if not left:
                     raise EOFError("the compressed stream ends early")
-                data = packed.read(min(left, BLOCK_BYTES // 4))
+                data = packed.read(min(left, LZMA_BLOCK_BYTES // 4))
                 left -= len(data)
                 if not data:
                     raise EOFError("the file ends early")
-            chunk = decompressor.decompress(data, BLOCK_BYTES)
+            chunk = decompressor.decompress(data, LZMA_BLOCK_BYTES)
             check = zlib.crc32(chunk, check)
             reader.put_pieces(chunk)
     if crc is not None and check != crc:
