@@ -90,7 +90,7 @@ def run(bench: Bench, rows: int, rounds: int) -> None:
         # Else autovacuum would visit the pipes' 3M-row table during the catch-up.
         bench.server.drop_database("bench_raw")
         catch_up = daemon_catch_up(bench, round_number)
-        fastest_pipe = min(pipe.seconds, *lz4_pipes[-1:])
+        fastest_pipe = min([pipe.seconds, *lz4_pipes[-1:]])
         print(
             f"  daemon catch-up: {catch_up.seconds:.1f} s, {rows / catch_up.seconds:,.0f} rows/s "
             f"({fastest_pipe / catch_up.seconds:.2f}x the faster pipes); first run started after "
