@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Generic, TypeVar
 
 # Bytes of XML read ahead of the parser: enough to ride out a slow decompressor block.
-READ_AHEAD_BYTES = 8 * 1024 * 1024
+READ_AHEAD_BYTES = 16 * 1024 * 1024
 # Pieces handed to the parser: small enough to keep the queue's bound tight, large enough
 # that handing them over (the GIL passes between threads each time) costs little.
 PIECE_BYTES = 1024 * 1024
@@ -24,7 +24,7 @@ PIECE_BYTES = 1024 * 1024
 # parser, which holds it while lxml runs: each call should take well over 5 ms.
 BLOCK_BYTES = 4 * 1024 * 1024
 # LZMA, at 80 MB/s the slowest stage of a .7z load, gets larger calls still.
-LZMA_BLOCK_BYTES = 16 * 1024 * 1024
+LZMA_BLOCK_BYTES = 8 * 1024 * 1024
 
 T = TypeVar("T")
 
