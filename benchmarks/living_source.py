@@ -22,7 +22,14 @@ from pathlib import Path
 
 import psycopg
 
-from benchmarks.throughput import BIN, Bench, bench_on_server, ensure_source, measure
+from benchmarks.throughput import (
+    BIN,
+    Bench,
+    add_postgres_bin_argument,
+    bench_on_server,
+    ensure_source,
+    measure,
+)
 
 LIVING_SOURCE = "bench_living_source"
 
@@ -74,8 +81,9 @@ def main() -> None:
     parser.add_argument("--ticks", type=int, default=3)
     parser.add_argument("--edits", type=int, default=1_000)
     parser.add_argument("--data-dir", type=Path, default=Path(tempfile.gettempdir()) / "so_bench")
+    add_postgres_bin_argument(parser)
     args = parser.parse_args()
-    with bench_on_server(args.data_dir, "logs_living") as bench:
+    with bench_on_server(args.data_dir, "logs_living", postgres_bin=args.postgres_bin) as bench:
         run(bench, args)
 
 

@@ -19,6 +19,7 @@ import psycopg
 from benchmarks.throughput import (
     BIN,
     Bench,
+    add_postgres_bin_argument,
     add_posts,
     bench_on_server,
     ensure_source,
@@ -32,8 +33,9 @@ def main() -> None:
     parser.add_argument("--ticks", type=int, default=5)
     parser.add_argument("--rows", type=int, default=1_000_000, help="source posts")
     parser.add_argument("--data-dir", type=Path, default=Path(tempfile.gettempdir()) / "so_bench")
+    add_postgres_bin_argument(parser)
     args = parser.parse_args()
-    with bench_on_server(args.data_dir, "logs_tick") as bench:
+    with bench_on_server(args.data_dir, "logs_tick", postgres_bin=args.postgres_bin) as bench:
         ensure_source(bench, args.rows)
         run(bench, args.ticks)
 
