@@ -2,7 +2,8 @@
 
 Covers the COPY text (escapes, NULL versus empty), truncated .gz and .7z, XML cut mid-row,
 Ctrl-C (in process and through the command) with a resume to an identical table, prompt
-clean-up of a .7z, and queues that hold a bounded number of bytes whatever the chunk count.
+clean-up of a .7z, queues that hold a bounded number of bytes whatever the chunk count, the
+.gz reader's own inflate loop, and the command's connection without Dagster.
 """
 
 import gzip
@@ -25,13 +26,14 @@ from so_pipeline.tooling import dump_archives, dump_loader
 from so_pipeline.tooling.dump_archives import PIECE_BYTES, ByteQueue, open_dump
 from so_pipeline.tooling.dump_loader import (
     DUMP_COLUMNS,
+    DatabaseURL,
     DumpError,
     DumpInterrupted,
     DumpProgress,
     create_posts_table,
     load_dump,
 )
-from so_pipeline_tests.helpers import PipelineDatabases
+from so_pipeline_tests.helpers import PipelineDatabases, with_password
 
 pytestmark = pytest.mark.integration
 
@@ -327,3 +329,72 @@ def test_ctrl_c_on_the_command_prints_one_line_and_stops_promptly(
         r"[\d,]+ rows up to id \d+ are committed; run again to resume after them\n",
         stderr,
     ), stderr
+
+
+def _read_through(path: Path) -> bytes:
+    with open_dump(path) as dump:
+        return b"".join(iter(dump.read, b""))
+
+
+def test_a_gz_of_several_members_reads_whole_in_small_calls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Calls capped far below a member's size: every tail, drain and member boundary is hit."""
+    monkeypatch.setattr(dump_archives, "BLOCK_BYTES", 4096)
+    xml = _sample_xml()
+    third = len(xml) // 3
+    members = [gzip.compress(xml[i : i + third], 9) for i in range(0, len(xml), third)]
+    dump = tmp_path / "Posts.xml.gz"
+    dump.write_bytes(members[0] + b"\0" * 7 + b"".join(members[1:]))
+
+    assert _read_through(dump) == xml
+
+    damaged = bytearray(dump.read_bytes())
+    damaged[-6] ^= 0xFF  # the last member's CRC
+    dump.write_bytes(bytes(damaged))
+    with pytest.raises(DumpError, match="truncated or corrupt archive: .*incorrect data check"):
+        _read_through(dump)
+
+
+def test_the_command_line_database_loads_without_dagster(
+    databases: PipelineDatabases, tmp_path: Path
+) -> None:
+    """`load-dump` reaches PostgreSQL through DatabaseURL; Dagster is never imported."""
+    dump = tmp_path / "Posts.xml"
+    dump.write_bytes(_sample_xml())
+    url = databases.source_url.replace("postgresql://", "postgresql+psycopg://", 1)
+    script = (
+        "import sys\n"
+        "from so_pipeline.tooling.cli import main\n"
+        "code = main(['load-dump', sys.argv[1], '--database-url', sys.argv[2]])\n"
+        "assert 'dagster' not in sys.modules, 'dagster was imported'\n"
+        "sys.exit(code)\n"
+    )
+
+    loaded = subprocess.run(
+        [sys.executable, "-c", script, str(dump), url], capture_output=True, text=True
+    )
+
+    assert loaded.returncode == 0, loaded.stderr
+    assert f"Loaded {SAMPLE_ROWS} posts" in loaded.stdout
+    _reference_load(_sample_xml(), databases.analytical_url)
+    assert _table(databases.source_url) == _table(databases.analytical_url)
+
+
+def test_database_url_errors_are_one_line_without_the_password(
+    databases: PipelineDatabases, tmp_path: Path
+) -> None:
+    secret = "pw-dump-3f9a"
+    missing = with_password(databases.source_url, secret).replace("/so_source", "/no_such_db", 1)
+    dump = tmp_path / "Posts.xml"
+    dump.write_bytes(_sample_xml())
+
+    with pytest.raises(DumpError) as refused:
+        load_dump(dump, DatabaseURL(missing))
+    with pytest.raises(DumpError, match="not a PostgreSQL URL"):
+        load_dump(dump, DatabaseURL(f"mysql://loader:{secret}@localhost/so"))
+
+    message = str(refused.value)
+    assert message.startswith("source_db: cannot connect to PostgreSQL at "), message
+    assert "no_such_db" in message and "\n" not in message
+    assert secret not in message
