@@ -36,7 +36,7 @@ def pipe_copy(
 
 def _copy_out(
     source: psycopg.Connection, statement: sql.Composed, params: dict[str, object]
-) -> Generator[bytes, None, None]:
+) -> Generator[bytearray, None, None]:
     """The rows of a source COPY, regrouped into chunks of about PIPE_CHUNK_BYTES.
 
     libpq hands over one row per read; writing whole chunks instead of rows, from a thread
@@ -47,10 +47,10 @@ def _copy_out(
         for row in rows_out:
             chunk += row
             if len(chunk) >= PIPE_CHUNK_BYTES:
-                yield bytes(chunk)
-                chunk.clear()
+                yield chunk  # handed over as it is: a new chunk is started, nothing copied
+                chunk = bytearray()
         if chunk:
-            yield bytes(chunk)
+            yield chunk
 
 
 class _BoundedQueuedWriter(QueuedLibpqWriter):
@@ -61,7 +61,7 @@ class _BoundedQueuedWriter(QueuedLibpqWriter):
         self._queue = Queue(maxsize=PIPE_QUEUE_CHUNKS)  # type: ignore[assignment]  # psycopg's alias
 
 
-def _copy_in(target: psycopg.Connection, copy_in: sql.Composed, chunks: Iterable[bytes]) -> int:
+def _copy_in(target: psycopg.Connection, copy_in: sql.Composed, chunks: Iterable[bytearray]) -> int:
     """Write binary `chunks` through the `copy_in` statement; return the rows written."""
     with target.cursor() as writer:
         with writer.copy(copy_in, writer=_BoundedQueuedWriter(writer)) as rows_in:
