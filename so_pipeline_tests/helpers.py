@@ -249,6 +249,17 @@ def wait_for(
         time.sleep(interval)
 
 
+def pipeline_waits_for_a_lock(url: str, wait_event: str | None = None) -> bool:
+    """Whether a connection of the pipeline to `url` waits for a lock (of `wait_event`, e.g.
+    `transactionid`, if given)."""
+    query = (
+        "SELECT 1 FROM pg_stat_activity WHERE application_name = 'so_pipeline' "
+        "AND wait_event_type = 'Lock' AND wait_event = coalesce(%s, wait_event)"
+    )
+    with psycopg.connect(url, autocommit=True) as connection:
+        return bool(connection.execute(query, [wait_event]).fetchall())
+
+
 @contextmanager
 def background(
     command: Sequence[str], output: Path, env: dict[str, str] | None = None, cwd: Path = REPO_ROOT

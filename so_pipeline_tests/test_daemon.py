@@ -18,6 +18,7 @@ from so_pipeline_tests.helpers import (
     free_port,
     graphql,
     log_lines,
+    pipeline_waits_for_a_lock,
     run_job,
     sensor_evaluations,
     stop_schedule,
@@ -103,17 +104,6 @@ def _launch(webserver: str, selection: dict[str, object]) -> str:
     return launched["run"]["runId"]
 
 
-def _waits_for_a_lock(analytical_url: str) -> bool:
-    """Whether a connection of the pipeline waits for a table lock on the analytical database."""
-    with psycopg.connect(analytical_url, autocommit=True) as connection:
-        return bool(
-            connection.execute(
-                "SELECT 1 FROM pg_stat_activity WHERE application_name = 'so_pipeline' "
-                "AND wait_event_type = 'Lock'"
-            ).fetchall()
-        )
-
-
 def _status(instance: dg.DagsterInstance, run_id: str) -> dg.DagsterRunStatus:
     run = instance.get_run_by_id(run_id)
     assert run is not None
@@ -172,7 +162,7 @@ def test_the_materialize_button_waits_for_a_job_run_then_loads_only_what_is_new(
         holder.execute("LOCK TABLE posts IN ACCESS EXCLUSIVE MODE")
         job_run = _launch(webserver, LAUNCHPAD)
         wait_for(lambda: _materialized(instance, job_run, "source_posts_batch"), "the window")
-        wait_for(lambda: _waits_for_a_lock(databases.analytical_url), "the job run's load")
+        wait_for(lambda: pipeline_waits_for_a_lock(databases.analytical_url), "the job run's load")
         databases.add_source_posts([Post(id=i) for i in range(11, 14)])  # after its window
 
         button_run = _launch(webserver, MATERIALIZE_BUTTON)

@@ -4,8 +4,6 @@ import os
 import signal
 import subprocess
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import dagster as dg
@@ -24,20 +22,14 @@ from so_pipeline_tests.helpers import (
     dagster_job_execute_command,
     generate_source_posts,
     job_run_config,
+    pipeline_waits_for_a_lock,
     run_job,
+    wait_for,
 )
 
 pytestmark = pytest.mark.integration
 
 GENERATED_ROWS = 150_000
-
-
-def _wait_for(condition: Callable[[], bool], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met")
-        time.sleep(0.02)
 
 
 def _terminate_copy_backend(url: str, command: str) -> bool:
@@ -71,11 +63,11 @@ def test_a_run_killed_while_loading_leaves_nothing_and_the_next_run_completes(
     config = tmp_path / "big.yaml"
     config.write_text("ops:\n  source_posts_batch:\n    config:\n      batch_size: 1000000\n")
     run = _job_in_background(config)
-    _wait_for(lambda: _copy_rows(databases.analytical_url, "COPY FROM") > 5_000)
+    wait_for(lambda: _copy_rows(databases.analytical_url, "COPY FROM") > 5_000, "a COPY", 60, 0.02)
     os.killpg(run.pid, signal.SIGKILL)
     run.wait()
 
-    _wait_for(lambda: _copy_rows(databases.analytical_url, "COPY FROM") == 0)
+    wait_for(lambda: _copy_rows(databases.analytical_url, "COPY FROM") == 0, "no COPY", 60, 0.02)
     assert databases.query("analytical", "SELECT count(*) FROM posts") == [(0,)]
 
     rerun = dagster_job_execute("-c", str(config), timeout=300)
@@ -108,7 +100,7 @@ def test_a_connection_dropped_mid_window_is_retried_and_loads_exactly_once(
     terminated = threading.Event()
 
     def terminate_once() -> None:
-        _wait_for(lambda: _terminate_copy_backend(url, command))
+        wait_for(lambda: _terminate_copy_backend(url, command), command, 60, 0.02)
         terminated.set()
 
     killer = threading.Thread(target=terminate_once, daemon=True)
@@ -178,7 +170,12 @@ def test_a_row_written_behind_the_pipelines_back_is_merged_by_the_retry(
         )
         runner = threading.Thread(target=lambda: outcomes.append(run_job(instance)))
         runner.start()
-        _wait_for(lambda: _copy_waits_for_a_transaction(databases.analytical_url))
+        wait_for(
+            lambda: pipeline_waits_for_a_lock(databases.analytical_url, "transactionid"),
+            "the COPY waiting for the intruder",
+            60,
+            0.02,
+        )
         intruder.commit()
         runner.join(timeout=120)
 
@@ -193,16 +190,6 @@ def test_a_row_written_behind_the_pipelines_back_is_merged_by_the_retry(
     assert databases.query(
         "analytical", "SELECT title FROM posts WHERE id = %s", [intruder_id]
     ) == [(f"t{intruder_id}",)]
-
-
-def _copy_waits_for_a_transaction(url: str) -> bool:
-    with psycopg.connect(url, autocommit=True) as connection:
-        return bool(
-            connection.execute(
-                "SELECT 1 FROM pg_stat_activity WHERE application_name = 'so_pipeline' "
-                "AND wait_event_type = 'Lock' AND wait_event = 'transactionid'"
-            ).fetchall()
-        )
 
 
 def test_permanent_errors_are_not_retried(
@@ -319,11 +306,15 @@ def test_a_catch_up_run_killed_between_windows_keeps_every_committed_window(
     run = _job_in_background(config)
     with dg.DagsterInstance.get() as instance:
         # Killed while it copies the second window, once the first is recorded.
-        _wait_for(lambda: bool(_filtered_posts_cursors(instance)), timeout=120)
-        _wait_for(lambda: _copy_rows(databases.analytical_url, "COPY FROM") > 5_000)
+        wait_for(lambda: _filtered_posts_cursors(instance), "a committed window", 120, 0.02)
+        wait_for(
+            lambda: _copy_rows(databases.analytical_url, "COPY FROM") > 5_000, "a COPY", 60, 0.02
+        )
         os.killpg(run.pid, signal.SIGKILL)
         run.wait()
-        _wait_for(lambda: _copy_rows(databases.analytical_url, "COPY FROM") == 0)
+        wait_for(
+            lambda: _copy_rows(databases.analytical_url, "COPY FROM") == 0, "no COPY", 60, 0.02
+        )
         (first_cursor,) = _filtered_posts_cursors(instance)
         loaded = databases.loaded_ids()
 

@@ -22,6 +22,7 @@ from lxml import etree  # type: ignore[import-untyped]
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from so_pipeline.session import SESSION_SETTINGS
 from so_pipeline.tooling.dump_archives import (
     ByteQueue,
     DumpError,
@@ -82,14 +83,6 @@ _COPY_TEXT_ESCAPES = [
 _LXML_POSITION = re.compile(r", line \d+, column \d+$")
 
 
-# What PostgresResource sets too: the dump's text is UTF-8, its dates ISO.
-_SESSION = {
-    "application_name": "so_pipeline",
-    "client_encoding": "UTF8",
-    "options": "-c TimeZone=UTC -c DateStyle=ISO",
-}
-
-
 class Database(Protocol):
     """Where the posts go: `connect()` yields a connection in autocommit mode.
 
@@ -140,7 +133,7 @@ class DatabaseURL:
             return DumpError(f"{self.name}: {what} PostgreSQL at {location}: {reason}")
 
         try:
-            conninfo = make_conninfo(**{"connect_timeout": "10", **settings, **_SESSION})
+            conninfo = make_conninfo(**{"connect_timeout": "10", **settings, **SESSION_SETTINGS})
             connection = psycopg.connect(conninfo, autocommit=True)
         except psycopg.Error as error:
             raise failure("cannot connect to", error) from None
