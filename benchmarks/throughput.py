@@ -365,6 +365,15 @@ def report(results: list[Measurement], source_mb_per_row: float) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args()
+
+    with bench_on_server(args.data_dir, "logs", args.sling, args.postgres_bin) as bench:
+        run_benchmark(bench, args)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of run_benchmark (and of the server it runs on)."""
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--original-rows", type=int, default=30_000)
@@ -382,10 +391,6 @@ def main() -> None:
         "--dlt-backends", type=lambda text: text.split(","), default=["connectorx", "pyarrow"]
     )
     add_postgres_bin_argument(parser)
-    args = parser.parse_args()
-
-    with bench_on_server(args.data_dir, "logs", args.sling, args.postgres_bin) as bench:
-        run_benchmark(bench, args)
 
 
 def add_postgres_bin_argument(parser: argparse.ArgumentParser) -> None:
