@@ -4,6 +4,7 @@ Rows leave the source as binary COPY data cast to exactly the analytical column 
 COPY requires it), so the column lists below come from the analytical table definitions.
 """
 
+from collections.abc import Sequence
 from datetime import datetime
 
 import psycopg
@@ -172,19 +173,18 @@ def _classified(condition: sql.Composable, extra: sql.Composable = _NO_EXTRA) ->
     )
 
 
-def _copy_out(table: sa.Table, condition: str) -> sql.Composed:
-    return sql.SQL("COPY (SELECT {} FROM ({}) w WHERE {}) TO STDOUT (FORMAT binary)").format(
-        sql.SQL(", ").join(map(sql.Identifier, copied_columns(table))),
-        _classified(_IN_ID_RANGE),
-        sql.SQL(condition),
+def _copy_out(columns: Sequence[str]) -> sql.Composed:
+    return sql.SQL("COPY (SELECT {} FROM ({}) w) TO STDOUT (FORMAT binary)").format(
+        sql.SQL(", ").join(map(sql.Identifier, columns)), _classified(_IN_ID_RANGE)
     )
 
 
-# The kept rows of a window as `posts` rows; the rejected ones, or all, classified (with their
-# reason, NULL when kept) in posts_rejected's layout.
-COPY_KEPT_POSTS = _copy_out(posts, "reason IS NULL")
-COPY_REJECTED_POSTS = _copy_out(posts_rejected, "reason IS NOT NULL")
-COPY_CLASSIFIED_POSTS = _copy_out(posts_rejected, "true")
+# Every row of a window, classified (its reason, NULL when kept), in posts_rejected's layout.
+COPY_CLASSIFIED_POSTS = _copy_out(copied_columns(posts_rejected))
+# The same rows with the reason first, then `posts`' columns: copy_pipe.split_copy sends the
+# kept ones to `posts` and the rejected ones aside, so a window's rows are read once.
+SPLIT_COLUMNS = ("reason", *copied_columns(posts))
+COPY_SPLIT_POSTS = _copy_out(SPLIT_COLUMNS)
 
 # Name of the extra column that carries the change column's value in change COPYs.
 CHANGED_AT = "changed_at"
@@ -227,7 +227,7 @@ def latest_change(connection: psycopg.Connection, change_column: str) -> datetim
 
 
 def range_params(after_id: int | None, last_id: int, rules: dict[str, object]) -> dict[str, object]:
-    """Parameters of COPY_KEPT_POSTS / COPY_REJECTED_POSTS for the ids in (after_id, last_id].
+    """Parameters of COPY_SPLIT_POSTS / COPY_CLASSIFIED_POSTS for the ids in (after_id, last_id].
 
     `rules` are the rules' own parameters (`post_rules.rule_params`).
     """

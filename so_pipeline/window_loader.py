@@ -4,8 +4,9 @@ Rows stream from source COPY to target COPY (see copy_pipe). A window whose new 
 above the analytical table's highest id goes straight into `posts`, split into id ranges that
 several connection pairs copy at once when it is large (a catch-up): one COPY is bound by the
 single target backend that writes it (on 2 cores, loading 1M posts took 5.3 s with one stream,
-4.7 s with two). Everything else (the look-back, replays, rejected rows) is staged and merged
-with `ON CONFLICT (id) DO NOTHING`.
+4.7 s with two). Each of those streams sets its rejected rows aside (in a temporary file past
+1 MB) while it reads; the main pair copies them after. Everything else (the look-back,
+replays) is staged and merged with `ON CONFLICT (id) DO NOTHING`.
 """
 
 import time
@@ -13,23 +14,24 @@ from collections import Counter
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from tempfile import SpooledTemporaryFile
 from types import TracebackType
-from typing import Any
+from typing import IO, Any
 
 import psycopg
 import sqlalchemy as sa
 from psycopg import sql
 
 from so_pipeline import analytical_posts as analytical
-from so_pipeline.copy_pipe import pipe_copy
+from so_pipeline.copy_pipe import PIPE_CHUNK_BYTES, copy_in_from_file, pipe_copy, split_copy
 from so_pipeline.core_sql import scalar, server_encoding
 from so_pipeline.metadata import labels, numbers
 from so_pipeline.post_rules import RejectReason, rule_params
 from so_pipeline.resources import PostgresResource
 from so_pipeline.source_posts import (
     COPY_CLASSIFIED_POSTS,
-    COPY_KEPT_POSTS,
-    COPY_REJECTED_POSTS,
+    COPY_SPLIT_POSTS,
+    SPLIT_COLUMNS,
     range_params,
     split_id_range,
 )
@@ -43,6 +45,9 @@ MIN_ROWS_PER_STREAM = 50_000
 _MIN_BIGINT = -(2**63)
 
 _COPY_INTO_POSTS = analytical.copy_in(analytical.posts, analytical.copied_columns(analytical.posts))
+
+# A stream's rejected rows stay in memory up to this size, then go to a temporary file.
+REJECTED_IN_MEMORY_BYTES = 4 * PIPE_CHUNK_BYTES
 
 
 @dataclass(frozen=True)
@@ -165,7 +170,7 @@ class WindowLoader:
                         self._copy(source, target, COPY_CLASSIFIED_POSTS, id_range, staged)
                     if plan.direct is not None:
                         into = analytical.posts_rejected if direct_rejects else staged
-                        self._copy(source, target, COPY_REJECTED_POSTS, plan.direct, into)
+                        direct.copy_rejected(analytical.copy_in(into.name, SPLIT_COLUMNS))
                 # 1. Leaving that block committed the parallel streams (they had all finished),
                 # each with its rows added to the row count. Only now may the main transaction
                 # write the counts (a stream waiting on its row lock would wait forever).
@@ -206,11 +211,19 @@ class WindowLoader:
         return cut_ranges(id_range, cuts)
 
     def copy_kept(
-        self, source: psycopg.Connection, target: psycopg.Connection, id_range: IdRange
-    ) -> int:
-        """Copy the kept posts of `id_range` straight into `posts`."""
+        self,
+        source: psycopg.Connection,
+        target: psycopg.Connection,
+        id_range: IdRange,
+        rejected: IO[bytes],
+    ) -> tuple[int, int]:
+        """Copy the kept posts of `id_range` straight into `posts`, and write its rejected ones
+        to `rejected` as COPY data (reason first); return how many of each."""
         params = range_params(*id_range, self._rules)
-        return pipe_copy(source, COPY_KEPT_POSTS, params, target, _COPY_INTO_POSTS)
+        kept_columns = len(SPLIT_COLUMNS) - 1
+        return split_copy(
+            source, COPY_SPLIT_POSTS, params, target, _COPY_INTO_POSTS, rejected, kept_columns
+        )
 
     def _copy(
         self,
@@ -247,10 +260,12 @@ class _DirectCopy:
 
     One range is copied at once on the main pair, in the main transaction. Several are copied
     each on its own connection pair, in its own thread and transaction, reading the main
-    source transaction's snapshot. Leaving the block without error waits for every stream,
-    then commits their transactions one after the other; the caller's main transaction,
-    which holds the advisory lock, commits after them. On an error every stream's query is
-    cancelled and its transaction rolled back (closing an uncommitted connection does it).
+    source transaction's snapshot. Every range's rejected rows are set aside for
+    `copy_rejected`, which the main pair runs once the streams are done. Leaving the block
+    without error waits for every stream, then commits their transactions one after the
+    other; the caller's main transaction, which holds the advisory lock, commits after them.
+    On an error every stream's query is cancelled and its transaction rolled back (closing an
+    uncommitted connection does it).
     """
 
     def __init__(
@@ -265,14 +280,24 @@ class _DirectCopy:
         self._target = target
         self._ranges = ranges
         self._connections = ExitStack()
+        self._rejected: list[IO[bytes]] = [
+            self._connections.enter_context(
+                SpooledTemporaryFile(REJECTED_IN_MEMORY_BYTES)  # noqa: SIM115 (the stack closes it)
+            )
+            for _ in ranges
+        ]
         self._pairs: list[tuple[psycopg.Connection, psycopg.Connection]] = []
-        self._copies: list[Future[int]] = []
+        self._copies: list[Future[tuple[int, int]]] = []
+        self._stream_rows: list[int] = []
+        self._rejected_rows = [0] * len(ranges)
         self.rows = 0
         self.main_pair_rows = 0
 
     def __enter__(self) -> "_DirectCopy":
         if len(self._ranges) == 1:
-            self.rows = self._loader.copy_kept(self._source, self._target, self._ranges[0])
+            self.rows, self._rejected_rows[0] = self._loader.copy_kept(
+                self._source, self._target, self._ranges[0], self._rejected[0]
+            )
             self.main_pair_rows = self.rows
         elif self._ranges:
             snapshot = scalar(self._source, sa.select(sa.func.pg_export_snapshot()))
@@ -283,10 +308,29 @@ class _DirectCopy:
                 ThreadPoolExecutor(len(self._pairs), "so_pipeline-copy")
             )
             self._copies = [
-                pool.submit(self._loader.copy_kept, source, target, id_range)
-                for (source, target), id_range in zip(self._pairs, self._ranges, strict=True)
+                pool.submit(self._loader.copy_kept, source, target, id_range, rejected)
+                for (source, target), id_range, rejected in zip(
+                    self._pairs, self._ranges, self._rejected, strict=True
+                )
             ]
         return self
+
+    def copy_rejected(self, copy_in: sql.Composed) -> None:
+        """Wait for the streams, then copy every range's rejected rows through `copy_in` on
+        the main pair."""
+        self._wait_for_streams()
+        for rejected, rows in zip(self._rejected, self._rejected_rows, strict=True):
+            if rows:
+                rejected.seek(0)
+                copy_in_from_file(self._target, copy_in, rejected)
+
+    def _wait_for_streams(self) -> None:
+        if self._copies and not self._stream_rows:
+            wait(self._copies, return_when=FIRST_EXCEPTION)  # a failure, at once
+            results = [copy.result() for copy in self._copies]
+            self._stream_rows = [kept for kept, _ in results]
+            self._rejected_rows = [rejected for _, rejected in results]
+            self.rows = sum(self._stream_rows)
 
     def __exit__(
         self,
@@ -294,15 +338,13 @@ class _DirectCopy:
         error: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        # Closing the stack waits for the threads, then closes every connection.
+        # Closing the stack waits for the threads, then closes every connection and file.
         with self._connections:
             committed = False
             try:
                 if error_type is None and self._copies:
-                    wait(self._copies, return_when=FIRST_EXCEPTION)  # a failure, at once
-                    stream_rows = [copy.result() for copy in self._copies]
-                    self.rows = sum(stream_rows)
-                    for (_, target), rows in zip(self._pairs, stream_rows, strict=True):
+                    self._wait_for_streams()
+                    for (_, target), rows in zip(self._pairs, self._stream_rows, strict=True):
                         analytical.add_to_row_count(target, rows)
                         target.commit()
                 committed = True

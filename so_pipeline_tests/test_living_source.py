@@ -8,7 +8,11 @@ import dagster as dg
 import psycopg
 import pytest
 
+from so_pipeline import analytical_posts as analytical
 from so_pipeline.definitions import defs
+from so_pipeline.resources import PostgresResource
+from so_pipeline.window import PostWindow
+from so_pipeline.window_loader import WindowLoader
 from so_pipeline_tests.helpers import PipelineDatabases, Post, run_job
 
 pytestmark = pytest.mark.integration
@@ -300,3 +304,31 @@ def test_change_capture_says_when_the_source_lacks_the_index_it_needs(
     assert "no index on last_activity_date: each run reads the whole source table" in without
     assert "CREATE INDEX CONCURRENTLY ON posts (last_activity_date, id)" in without
     assert with_index == "on (last_activity_date)"
+
+
+def test_a_window_whose_posts_were_deleted_before_its_load_loads_nothing(
+    databases: PipelineDatabases,
+) -> None:
+    """Between `source_posts_batch` planning a window and `filtered_posts` reading it, the
+    source may delete its posts: the load then reads an empty COPY and writes nothing."""
+    databases.add_source_posts([Post(id=i) for i in range(1, 4)] + [Post(id=4, body=" ")])
+    source = PostgresResource(resource_name="source_db", url=databases.source_url)
+    analytical_db = PostgresResource(resource_name="analytical_db", url=databases.analytical_url)
+    with analytical_db.connect() as connection:
+        analytical.ensure_tables(connection)
+    window = PostWindow(
+        read_after_id=None,
+        after_id=None,
+        last_id=4,
+        cursor_before=None,
+        new_rows=4,
+        source_max_id=4,
+        cursor_origin="start",
+    )
+    _source(databases, "DELETE FROM posts")
+
+    load = WindowLoader(source, analytical_db, require_owner=True).load(window)
+
+    assert (load.rows_read, load.loaded_rows, load.rejected_rows) == (0, 0, 0)
+    assert databases.loaded_ids() == []
+    assert databases.rejected() == {}

@@ -99,8 +99,15 @@ def test_parallel_copy_streams_load_exactly_what_one_stream_loads(
     scratch_databases: ScratchDatabases,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A large window is split across parallel COPY streams; the tables must not tell."""
+    """A large window is split across parallel COPY streams; the tables must not tell. Each
+    stream sets its rejected rows aside while it reads (~10 MB of them here: past what a stream
+    holds in memory) and the main pair copies them after."""
     kept = generate_source_posts(databases.source_url, 150_000)
+    expected_rejected = {
+        i: "body_whitespace_only" if i % 10 == 0 else "owner_null"
+        for i in range(1, 150_001)
+        if i % 10 == 0 or i % 13 == 0
+    }
     fingerprint = (
         "SELECT count(*), md5(string_agg(t::text, '' ORDER BY id)) "
         f"FROM (SELECT {COLUMNS} FROM posts) t"
@@ -110,6 +117,9 @@ def test_parallel_copy_streams_load_exactly_what_one_stream_loads(
     with dg.DagsterInstance.ephemeral() as instance:
         parallel = run_job(instance, batch_size=1_000_000, copy_streams=3)
     assert parallel.metadata()["copy_streams"] == "3"
+    assert databases.loaded_ids() == kept
+    assert databases.rejected() == expected_rejected
+    assert parallel.metadata()["rows_rejected"] == len(expected_rejected)
     parallel_tables = databases.query("analytical", fingerprint) + databases.query(
         "analytical", rejected
     )
