@@ -11,7 +11,8 @@ replays) is staged and merged with `ON CONFLICT (id) DO NOTHING`.
 
 import time
 from collections import Counter
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from collections.abc import Iterator
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, as_completed, wait
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from tempfile import SpooledTemporaryFile
@@ -261,7 +262,7 @@ class _DirectCopy:
     One range is copied at once on the main pair, in the main transaction. Several are copied
     each on its own connection pair, in its own thread and transaction, reading the main
     source transaction's snapshot. Every range's rejected rows are set aside for
-    `copy_rejected`, which the main pair runs once the streams are done. Leaving the block
+    `copy_rejected`, which the main pair copies as each stream finishes. Leaving the block
     without error waits for every stream, then commits their transactions one after the
     other; the caller's main transaction, which holds the advisory lock, commits after them.
     On an error every stream's query is cancelled and its transaction rolled back (closing an
@@ -316,13 +317,23 @@ class _DirectCopy:
         return self
 
     def copy_rejected(self, copy_in: sql.Composed) -> None:
-        """Wait for the streams, then copy every range's rejected rows through `copy_in` on
-        the main pair."""
-        self._wait_for_streams()
-        for rejected, rows in zip(self._rejected, self._rejected_rows, strict=True):
-            if rows:
-                rejected.seek(0)
-                copy_in_from_file(self._target, copy_in, rejected)
+        """Copy every range's rejected rows through `copy_in` on the main pair, each range's
+        as soon as its stream is done."""
+        for index in self._ranges_as_they_finish():
+            if self._rejected_rows[index]:
+                self._rejected[index].seek(0)
+                copy_in_from_file(self._target, copy_in, self._rejected[index])
+
+    def _ranges_as_they_finish(self) -> Iterator[int]:
+        """Each range's index once its stream is done (a failed stream raises at once)."""
+        if not self._copies:
+            yield from range(len(self._ranges))
+            return
+        stream_of = {copy: index for index, copy in enumerate(self._copies)}
+        for copy in as_completed(self._copies):
+            index = stream_of[copy]
+            _, self._rejected_rows[index] = copy.result()
+            yield index
 
     def _wait_for_streams(self) -> None:
         if self._copies and not self._stream_rows:
