@@ -1,8 +1,8 @@
 """Streams one COPY from a source connection into a COPY on a target connection.
 
 Rows travel in PostgreSQL's binary format (the source query casts every column to the
-analytical type, so the bytes fit as they are): no row is ever parsed or held by Python, so
-memory stays flat whatever the window size.
+analytical type, so the bytes fit as they are): no row is ever decoded or held by Python (a
+split looks at its first 6 bytes), so memory stays flat whatever the window size.
 """
 
 import struct
@@ -50,8 +50,8 @@ def split_copy(
     COPY stream of their own (header, rows, trailer) for a later COPY. Return (rows written,
     rows set aside).
 
-    One source scan instead of one for the kept rows and one for the rejected: reading a
-    window twice cost ~1 s of a source backend per 1M posts, on the cores the COPYs need.
+    One source scan instead of one for the kept rows and one for the rejected: the second
+    scan took ~0.5 s of a source backend's CPU per 1M posts from the cores the COPYs need.
     """
     split = _RejectedRows(rejected, kept_columns)
     with closing(_copy_out(source, copy_out, params, split)) as chunks:
@@ -85,7 +85,7 @@ class _RejectedRows:
 
     def take(self, row: memoryview) -> bytes:
         """Set a row with a reason aside, or pass the trailer on; return what the target gets."""
-        if bytes(row) == _BINARY_TRAILER:
+        if len(row) == len(_BINARY_TRAILER) and bytes(row) == _BINARY_TRAILER:
             self.sink.write(_BINARY_TRAILER)
             return _BINARY_TRAILER
         self.sink.write(row)

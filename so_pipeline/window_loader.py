@@ -168,7 +168,7 @@ class WindowLoader:
                 with _DirectCopy(self, source, target, ranges) as direct:
                     staged = analytical.create_classified_staging(target)
                     for id_range in plan.merged:
-                        self._copy(source, target, COPY_CLASSIFIED_POSTS, id_range, staged)
+                        self._stage(source, target, id_range, staged)
                     if plan.direct is not None:
                         into = analytical.posts_rejected if direct_rejects else staged
                         direct.copy_rejected(analytical.copy_in(into.name, SPLIT_COLUMNS))
@@ -226,19 +226,17 @@ class WindowLoader:
             source, COPY_SPLIT_POSTS, params, target, _COPY_INTO_POSTS, rejected, kept_columns
         )
 
-    def _copy(
+    def _stage(
         self,
         source: psycopg.Connection,
         target: psycopg.Connection,
-        copy_out: sql.Composed,
         id_range: IdRange,
-        into: sa.Table,
+        staged: sa.Table,
     ) -> int:
-        """Copy classified rows of `id_range` (`copy_out` chooses which) into `into` (a
-        staging table, or posts_rejected)."""
+        """Copy every row of `id_range`, classified (reason NULL when kept), into `staged`."""
         params = range_params(*id_range, self._rules)
-        copy_in = analytical.copy_in(into.name, analytical.CLASSIFIED_COLUMNS)
-        return pipe_copy(source, copy_out, params, target, copy_in)
+        copy_in = analytical.copy_in(staged.name, analytical.CLASSIFIED_COLUMNS)
+        return pipe_copy(source, COPY_CLASSIFIED_POSTS, params, target, copy_in)
 
     def open_stream_pair(
         self, connections: ExitStack, snapshot: str
