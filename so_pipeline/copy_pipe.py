@@ -115,15 +115,16 @@ def _copy_out(
                     chunk = bytearray()
         else:
             kept_prefix, kept_fields = split.kept_prefix, split.kept_fields
+            prefix_bytes = len(kept_prefix)
             rows = iter(rows_out)
             first = next(rows, None)
             if first is not None:
                 chunk += _BINARY_HEADER
                 rows = _prepend(split.start(memoryview(first)), rows)
             for row in rows:
-                if row[:6] == kept_prefix:
+                if row[:prefix_bytes] == kept_prefix:
                     chunk += kept_fields
-                    chunk += row[6:]
+                    chunk += row[prefix_bytes:]
                 else:
                     chunk += split.take(memoryview(row))
                 if len(chunk) >= PIPE_CHUNK_BYTES:

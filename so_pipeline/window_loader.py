@@ -11,7 +11,6 @@ replays) is staged and merged with `ON CONFLICT (id) DO NOTHING`.
 
 import time
 from collections import Counter
-from collections.abc import Iterator
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, as_completed, wait
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -286,17 +285,32 @@ class _DirectCopy:
             for _ in ranges
         ]
         self._pairs: list[tuple[psycopg.Connection, psycopg.Connection]] = []
+        # One per range, in range order: (kept rows copied, rejected rows set aside).
         self._copies: list[Future[tuple[int, int]]] = []
-        self._stream_rows: list[int] = []
-        self._rejected_rows = [0] * len(ranges)
-        self.rows = 0
         self.main_pair_rows = 0
 
+    @property
+    def rows(self) -> int:
+        """Kept rows copied into posts (once the block is left)."""
+        return sum(kept for kept, _ in (copy.result() for copy in self._copies))
+
     def __enter__(self) -> "_DirectCopy":
+        try:
+            self._start()
+        except BaseException:
+            self._connections.close()  # __exit__ is not called when __enter__ fails
+            raise
+        return self
+
+    def _start(self) -> None:
         if len(self._ranges) == 1:
-            self.rows, self._rejected_rows[0] = self._loader.copy_kept(
-                self._source, self._target, self._ranges[0], self._rejected[0]
+            copied: Future[tuple[int, int]] = Future()
+            copied.set_result(
+                self._loader.copy_kept(
+                    self._source, self._target, self._ranges[0], self._rejected[0]
+                )
             )
+            self._copies = [copied]
             self.main_pair_rows = self.rows
         elif self._ranges:
             snapshot = scalar(self._source, sa.select(sa.func.pg_export_snapshot()))
@@ -312,34 +326,16 @@ class _DirectCopy:
                     self._pairs, self._ranges, self._rejected, strict=True
                 )
             ]
-        return self
 
     def copy_rejected(self, copy_in: sql.Composed) -> None:
         """Copy every range's rejected rows through `copy_in` on the main pair, each range's
-        as soon as its stream is done."""
-        for index in self._ranges_as_they_finish():
-            if self._rejected_rows[index]:
-                self._rejected[index].seek(0)
-                copy_in_from_file(self._target, copy_in, self._rejected[index])
-
-    def _ranges_as_they_finish(self) -> Iterator[int]:
-        """Each range's index once its stream is done (a failed stream raises at once)."""
-        if not self._copies:
-            yield from range(len(self._ranges))
-            return
-        stream_of = {copy: index for index, copy in enumerate(self._copies)}
+        as soon as its copy is done (a failed stream raises here at once)."""
+        rejected_of = dict(zip(self._copies, self._rejected, strict=True))
         for copy in as_completed(self._copies):
-            index = stream_of[copy]
-            _, self._rejected_rows[index] = copy.result()
-            yield index
-
-    def _wait_for_streams(self) -> None:
-        if self._copies and not self._stream_rows:
-            wait(self._copies, return_when=FIRST_EXCEPTION)  # a failure, at once
-            results = [copy.result() for copy in self._copies]
-            self._stream_rows = [kept for kept, _ in results]
-            self._rejected_rows = [rejected for _, rejected in results]
-            self.rows = sum(self._stream_rows)
+            _, rejected_rows = copy.result()
+            if rejected_rows:
+                rejected_of[copy].seek(0)
+                copy_in_from_file(self._target, copy_in, rejected_of[copy])
 
     def __exit__(
         self,
@@ -351,10 +347,10 @@ class _DirectCopy:
         with self._connections:
             committed = False
             try:
-                if error_type is None and self._copies:
-                    self._wait_for_streams()
-                    for (_, target), rows in zip(self._pairs, self._stream_rows, strict=True):
-                        analytical.add_to_row_count(target, rows)
+                if error_type is None and self._pairs:
+                    wait(self._copies, return_when=FIRST_EXCEPTION)  # a failure, at once
+                    for (_, target), copy in zip(self._pairs, self._copies, strict=True):
+                        analytical.add_to_row_count(target, copy.result()[0])
                         target.commit()
                 committed = True
             finally:
