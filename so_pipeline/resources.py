@@ -18,6 +18,10 @@ class DatabaseConfigError(dg.Failure):
     """A database URL that cannot be used: retrying will not help."""
 
 
+class DatabaseTLSError(DatabaseConfigError):
+    """The TLS settings or the server's certificate do not fit: retrying will not help."""
+
+
 class DatabaseUnavailableError(dg.Failure):
     """The server could not be reached, or the connection broke: worth a retry."""
 
@@ -37,6 +41,55 @@ _PERMANENT_LOGIN_MESSAGES = (
     "no pg_hba.conf entry",
     "permission denied",
 )
+
+_RDS_BUNDLE = (
+    "for RDS, the global-bundle.pem from "
+    "https://truststore.pki.rds.amazonaws.com/global/global-bundle.pem"
+)
+_POINT_AT_THE_CA = (
+    "Point sslrootcert in the URL at the CA bundle that signed the server's certificate "
+    f"({_RDS_BUNDLE})"
+)
+# libpq reports TLS problems as client-side text only (no SQLSTATE, no FATAL): each pattern
+# (first match wins) with what to do. None of them is fixed by a retry. "SSL SYSCALL error"
+# and "SSL connection has been closed unexpectedly" are broken connections and stay transient.
+_TLS_PROBLEMS = (
+    (
+        "does not match host name",
+        "Connect with a host name the certificate names (quoted first above; for RDS the "
+        "instance's endpoint, not an IP address or another DNS alias), or check that this is "
+        "the server you meant",
+    ),
+    ("root certificate file", f"{_POINT_AT_THE_CA}, in a file this process can read"),
+    ("certificate verify failed", f"{_POINT_AT_THE_CA}; check it has not expired"),
+    (
+        "sslmode value",
+        "Set sslmode to one of disable, allow, prefer, require, verify-ca, verify-full "
+        "(verify-full checks the certificate and the host name)",
+    ),
+    (
+        "protocol_version",
+        "Set ssl_min_protocol_version / ssl_max_protocol_version to TLSv1.2 or TLSv1.3",
+    ),
+    (
+        "protocol version",
+        "The server and this client share no TLS version: "
+        "check ssl_min_protocol_version / ssl_max_protocol_version in the URL",
+    ),
+    (
+        "server does not support SSL",
+        "Turn on ssl on the server, or check that the URL names the server you meant",
+    ),
+    ("certificate", "Check the URL's sslmode, sslrootcert, sslcert and sslkey settings"),
+)
+
+
+def tls_advice(error: BaseException) -> str | None:
+    """What to do about `error` if it is a TLS or certificate problem, else None."""
+    if getattr(error, "sqlstate", None):
+        return None
+    message = str(error)
+    return next((advice for words, advice in _TLS_PROBLEMS if words in message), None)
 
 
 def parse_url(raw_url: str, resource_name: str) -> sa.URL:
@@ -84,10 +137,13 @@ def scrub(text: str, secret: str | None) -> str:
 
 
 def is_permanent(error: BaseException) -> bool:
-    """Whether retrying cannot fix `error` (a refused login, a missing table, a privilege)."""
+    """Whether retrying cannot fix `error` (a refused login, a missing table, a privilege, a
+    certificate that fails verification or TLS settings libpq rejects)."""
     sqlstate = getattr(error, "sqlstate", None)
     if sqlstate:
         return sqlstate.startswith(_PERMANENT_SQLSTATE_CLASSES)
+    if tls_advice(error) is not None:
+        return True
     message = str(error)
     return "FATAL" in message and any(words in message for words in _PERMANENT_LOGIN_MESSAGES)
 
@@ -135,6 +191,13 @@ class PostgresResource(dg.ConfigurableResource):
         """A one-line error naming this resource and its host, with any password scrubbed."""
         reason = scrub(str(error), url.password)
         location = describe_location(url)
+        advice = tls_advice(error)
+        if advice is not None:
+            return DatabaseTLSError(
+                description=f"{self.resource_name}: TLS to PostgreSQL at {location} failed "
+                f"(not retried): {reason.rstrip('.')}. {advice}.",
+                allow_retries=False,
+            )
         if is_permanent(error):
             return DatabaseRefusedError(
                 description=f"{self.resource_name}: PostgreSQL at {location} refused: {reason}",
