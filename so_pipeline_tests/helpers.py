@@ -27,7 +27,6 @@ import pytest
 import sqlalchemy as sa
 
 from so_pipeline.tooling.cli import stop_process_group
-from so_pipeline.tooling.dump_loader import create_posts_table
 from so_pipeline.tooling.embedded import LocalServer
 from so_pipeline.tooling.runs import (
     JOB_NAME,
@@ -104,6 +103,8 @@ class PipelineDatabases:
 
     def add_source_posts(self, posts: Sequence[Post]) -> None:
         """Insert posts into the source `posts` table (the dump's full schema)."""
+        from so_pipeline.tooling.dump_loader import create_posts_table  # lxml: the local extra
+
         with psycopg.connect(self.source_url, autocommit=True) as connection:
             create_posts_table(connection)
             with connection.cursor().copy(
@@ -137,6 +138,8 @@ def generate_source_posts(source_url: str, rows: int) -> list[int]:
 
     Every 10th body is blank and every 13th owner NULL, so those are rejected.
     """
+    from so_pipeline.tooling.dump_loader import create_posts_table  # lxml: the local extra
+
     with psycopg.connect(source_url, autocommit=True) as connection:
         create_posts_table(connection)
         connection.execute(

@@ -13,7 +13,6 @@ from pathlib import Path
 import dagster as dg
 import pytest
 import yaml
-from dagster_aws.ecs import EcsRunLauncher
 from dagster_postgres import PostgresRunStorage
 
 from so_pipeline.definitions import defs
@@ -83,6 +82,7 @@ def aws_on_loopback(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[str,
     that the container it overrides exists: the stand-in answers with a task definition that
     holds one container, named so_pipeline. Any other call is answered with an error.
     """
+    pytest.importorskip("dagster_aws", reason="the ECS run launcher needs the 'aws' extra")
     calls: list[tuple[str, dict]] = []
 
     class StandIn(BaseHTTPRequestHandler):
@@ -168,6 +168,8 @@ def test_the_ecs_variant_launches_runs_as_ecs_tasks_of_the_task_definition(
     monkeypatch: pytest.MonkeyPatch,
     aws_on_loopback: list[tuple[str, dict]],
 ) -> None:
+    from dagster_aws.ecs import EcsRunLauncher  # the 'aws' extra (aws_on_loopback skips without)
+
     ecs = REPO_ROOT / "deploy/ecs/dagster.yaml"
     prepare_dagster_home(tmp_path / "home", ecs, scratch_databases, monkeypatch)
 

@@ -57,6 +57,7 @@ def _free_port() -> int:
 
 
 def test_load_dump_warns_about_a_password_on_the_command_line(tmp_path: Path) -> None:
+    pytest.importorskip("lxml", reason="load-dump's XML parser needs the 'local' extra")
     secret = "pw-cmdline-7c1d"
     url = f"postgresql://loader:{secret}@127.0.0.1:{_free_port()}/so?connect_timeout=2"
     dump = tmp_path / "Posts.xml"

