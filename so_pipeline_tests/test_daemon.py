@@ -3,6 +3,7 @@ queue that holds the UI's Materialize button behind a job run in progress (under
 
 import time
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 
 import dagster as dg
@@ -86,7 +87,7 @@ MATERIALIZE_BUTTON = {
 LAUNCHPAD = {"pipelineName": "stackoverflow_posts_job"}
 
 
-def _launch(webserver: str, selection: dict[str, object]) -> str:
+def _launch(webserver: str, selection: Mapping[str, object]) -> str:
     """Launch a run through the webserver's GraphQL API as the UI does; its run id."""
     params = {
         "selector": {

@@ -6,9 +6,10 @@ its storage in a real PostgreSQL database and AWS replaced by a stand-in on loop
 
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import pytest
@@ -53,12 +54,13 @@ def test_the_full_reconciliation_runs_daily_in_its_own_job() -> None:
 
 def test_resources_read_their_urls_from_the_environment() -> None:
     resources = defs.resources
+    assert resources is not None
     assert set(resources) >= {"source_db", "analytical_db"}
     assert resources["source_db"].url == dg.EnvVar("SO_SOURCE_DATABASE_URL")
     assert resources["analytical_db"].url == dg.EnvVar("SO_ANALYTICAL_DATABASE_URL")
 
 
-def _limits_on_the_job(limits: list[dict]) -> list[int]:
+def _limits_on_the_job(limits: Sequence[Mapping[str, Any]]) -> list[int]:
     """Of tag concurrency `limits`, those that apply to stackoverflow_posts_job's runs."""
     tags = defs.resolve_job_def("stackoverflow_posts_job").tags
     return [limit["limit"] for limit in limits if tags.get(limit["key"]) == limit["value"]]
@@ -90,6 +92,7 @@ def aws_on_loopback(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[str,
             operation = self.headers.get("X-Amz-Target", "").rpartition(".")[2]
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"{}")
             calls.append((operation, body))
+            answer: dict[str, object]
             if operation == "DescribeTaskDefinition":
                 status, answer = (
                     200,

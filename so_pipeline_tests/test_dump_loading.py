@@ -46,15 +46,16 @@ SAMPLE_ROWS = 2630
 _ID = re.compile(rb'\bId="(\d+)"')
 
 
+def _shift_ids(rows: bytes, base: int) -> bytes:
+    return _ID.sub(lambda m: b'Id="%d"' % (int(m.group(1)) + base), rows)
+
+
 def _sample_xml(copies: int = 1) -> bytes:
     """The sample `copies` times over, ids shifted per copy so they stay unique and ascending."""
     xml = gzip.decompress(SAMPLE.read_bytes())
     head, rest = xml.split(b"<posts>", 1)
     rows = rest.rsplit(b"</posts>", 1)[0]
-    shifted = [
-        _ID.sub(lambda m, base=copy * 10_000: b'Id="%d"' % (int(m.group(1)) + base), rows)
-        for copy in range(copies)
-    ]
+    shifted = [_shift_ids(rows, copy * 10_000) for copy in range(copies)]
     return head + b"<posts>" + b"".join(shifted) + b"</posts>"
 
 

@@ -226,13 +226,15 @@ def test_two_runs_at_once_load_each_row_once(
 
     assert [run.returncode for run in runs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     assert databases.loaded_ids() == expected
-    loaded = []
+    loaded: list[int] = []
     with dg.DagsterInstance.get() as instance:
         for record in instance.fetch_materializations(dg.AssetKey("filtered_posts"), 10).records:
             materialization = record.asset_materialization
             assert materialization is not None
             assert materialization.metadata["last_processed_id"].value == 60_000
-            loaded.append(materialization.metadata["rows_loaded"].value)
+            rows_loaded = materialization.metadata["rows_loaded"].value
+            assert isinstance(rows_loaded, int)
+            loaded.append(rows_loaded)
     # Whether the second run waited for the first one's lock or started after it, it found
     # every row present.
     assert sorted(loaded) == [0, len(expected)]

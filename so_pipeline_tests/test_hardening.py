@@ -200,8 +200,8 @@ def test_the_whitespace_rule_is_the_same_on_characters_in_every_source_encoding(
     assert databases.loaded_ids() == kept
     assert databases.rejected() == rejected
     for post_id in kept:
-        (body,) = databases.query("analytical", "SELECT body FROM posts WHERE id = %s", [post_id])
-        assert body == (bodies[post_id],)
+        (loaded,) = databases.query("analytical", "SELECT body FROM posts WHERE id = %s", [post_id])
+        assert loaded == (bodies[post_id],)
     assert all(not bodies[i].isspace() for i in kept)
     assert all(bodies[i].isspace() for i in rejected)
 

@@ -115,7 +115,8 @@ def test_every_run_that_writes_posts_waits_for_one_pool_of_one(dagster_home: Pat
         "source_posts_batch": {POSTS_WRITERS_POOL},
         "filtered_posts": {POSTS_WRITERS_POOL},
     }
-    assert concurrency.pool_config.pool_granularity.value == "run"
+    granularity = concurrency.pool_config.pool_granularity
+    assert granularity is not None and granularity.value == "run"
     assert concurrency.pool_config.default_pool_limit == 1
 
 

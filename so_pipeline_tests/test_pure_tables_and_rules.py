@@ -129,6 +129,7 @@ def test_contract_problems_name_each_missing_or_mistyped_column(
 )
 def test_markdown_table_cells_are_literal_text_on_one_line(value: object, cell: str) -> None:
     table = markdown_table(["id", "body"], [[1, value], [2, "next"]]).value
+    assert isinstance(table, str)
 
     lines = table.split("\n")
     assert lines == ["| id | body |", "|---|---|", f"| 1 | {cell} |", "| 2 | next |"]

@@ -65,6 +65,7 @@ def test_the_documented_grants_are_enough_and_the_reader_cannot_write(
     reader, loader = f"so_reader_{suffix}", f"so_loader_{suffix}"
     source_db = sa.make_url(databases.source_url).database
     analytical_db = sa.make_url(databases.analytical_url).database
+    assert source_db is not None and analytical_db is not None
     try:
         with psycopg.connect(databases.source_url, autocommit=True) as admin:
             for role in (reader, loader):
