@@ -41,7 +41,7 @@ import psycopg
 
 from benchmarks.synthetic_posts import describe_posts, generate_posts
 from benchmarks.tcp_server import TcpPostgres
-from so_pipeline.analytical_posts import lz4_available
+from so_pipeline.analytical_schema import lz4_available
 from so_pipeline.post_rules import REJECT_REASON_SQL, rule_params
 from so_pipeline.tooling.embedded import POSTGRES_BIN
 

@@ -26,14 +26,18 @@ from so_pipeline.alert_channels import (
     deliver,
     redact_credentials,
 )
-from so_pipeline.jobs import SENSOR_INTERVAL_SECONDS, reconciliation_job, stackoverflow_posts_job
+from so_pipeline.names import (
+    BACKLOG_WITHIN_LIMITS,
+    POSTS_JOB,
+    RECONCILIATION_JOB,
+    SENSOR_INTERVAL_SECONDS,
+)
 from so_pipeline.resources import DatabaseConfigError, parse_url, scrub
-from so_pipeline.window_checks import BACKLOG_WITHIN_LIMITS
 
 UI_BASE_URL_VAR = "SO_ALERT_UI_BASE_URL"
 PREFIX = "[so_pipeline]"
 # The UI's Materialize button launches __ASSET_JOB; other code locations' jobs are not ours.
-WATCHED_JOBS = frozenset({stackoverflow_posts_job.name, reconciliation_job.name, "__ASSET_JOB"})
+WATCHED_JOBS = frozenset({POSTS_JOB, RECONCILIATION_JOB, "__ASSET_JOB"})
 # Database URLs whose passwords are scrubbed from any text an alert quotes.
 _DATABASE_URL_VARS = ("SO_SOURCE_DATABASE_URL", "SO_ANALYTICAL_DATABASE_URL", "DAGSTER_PG_URL")
 _MAX_ERROR_CHARS = 300
@@ -115,7 +119,7 @@ def check_alert(
             f"{PREFIX} RECOVERED: check {check}",
             (f"Run {run_id} of {job}: the check {now}.", *run_link(run_id, env)),
         )
-    if evaluation.check_name == BACKLOG_WITHIN_LIMITS:
+    if evaluation.check_name == BACKLOG_WITHIN_LIMITS.name:
         subject = f"{PREFIX} FALLING BEHIND: check {check} failed (ERROR)"
     else:
         subject = f"{PREFIX} CHECK FAILED: {check} (ERROR)"

@@ -1,5 +1,6 @@
 """The two assets: pick the next id window of the source, then load its valid posts."""
 
+import gc
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -10,14 +11,22 @@ import dagster as dg
 import psycopg
 from pydantic import Field
 
-from so_pipeline import analytical_posts as analytical
 from so_pipeline import source_posts as source
-from so_pipeline.change_capture import ChangeCursor, capture_changes, missing_index_advice
+from so_pipeline.analytical_reads import preview_rows
+from so_pipeline.analytical_schema import copied_columns, posts
+from so_pipeline.change_capture import (
+    ChangeCursor,
+    ChangeSettings,
+    capture_changes,
+    missing_index_advice,
+    previous_cursor,
+)
 from so_pipeline.cursor import current_cursor, latest_metadata
 from so_pipeline.metadata import column_schema, markdown_table
 from so_pipeline.posts_state import read_posts_state
 from so_pipeline.resources import DatabaseUnavailableError, PostgresResource, is_permanent
-from so_pipeline.window import REPLAY_ORIGIN, PostWindow
+from so_pipeline.run_connections import RunConnections
+from so_pipeline.window import DEFAULT_BATCH_SIZE, REPLAY_ORIGIN, PostWindow
 from so_pipeline.window_checks import (
     BacklogLimits,
     check_backlog,
@@ -33,6 +42,8 @@ DEFAULT_CHANGE_COLUMN = "last_activity_date"
 DEFAULT_CHANGE_LOOKBACK_SECONDS = 600
 # Stack Overflow sees a few edits a second: 100k is hours of them.
 DEFAULT_CHANGE_BATCH_SIZE = 100_000
+# A mass edit is applied page by page for up to this long per run (then the next run goes on).
+DEFAULT_CHANGE_TIME_BUDGET_SECONDS = 120
 
 # Bumped when a change alters what the assets write, so the UI can tell materializations apart.
 CODE_VERSION = "2"
@@ -43,10 +54,6 @@ POSTS_WRITERS_POOL = "so_pipeline_posts"
 # Transient errors are retried this many times (after 1, 2 and 4 s).
 MAX_RETRIES = 3
 
-# 100k posts (~120 MB of source data) take a few seconds per tick and keep each transaction
-# short; raise it for a catch-up run, memory does not grow with it.
-DEFAULT_BATCH_SIZE = 100_000
-
 # Ids are handed out at INSERT and become visible at COMMIT, so a slow transaction can land
 # below the cursor. On Stack Overflow 1,000 ids span hours of posting: far longer than any
 # insert transaction, and re-reading them costs milliseconds.
@@ -54,7 +61,7 @@ DEFAULT_LOOKBACK_IDS = 1_000
 
 
 # One COPY is bound by the target backend that writes it; with two, a 1M-post catch-up run
-# took 6.2 s instead of 6.8 s on 2 cores (benchmarks/last_run.txt). More help only where the
+# took 6.2 s instead of 6.8 s on 2 cores (benchmarks/runs/). More help only where the
 # analytical server has cores to spare. Each stream holds ~4 MB of buffers: at most 8 keep a
 # run under 200 MB (8: 167 MB, 16: 204 MB on a 1M-post window).
 DEFAULT_COPY_STREAMS = 2
@@ -118,7 +125,15 @@ class FilterConfig(BacklogLimits):
     change_batch_size: int = Field(
         default=DEFAULT_CHANGE_BATCH_SIZE,
         gt=0,
-        description="Most changed rows one run applies (the next run goes on from there).",
+        description="Most changed rows read and applied in one transaction (a page); a run "
+        "reads page after page until the changes are drained or change_time_budget_seconds "
+        "has passed.",
+    )
+    change_time_budget_seconds: int = Field(
+        default=DEFAULT_CHANGE_TIME_BUDGET_SECONDS,
+        ge=0,
+        description="After this long, a run stops reading pages of changes (the next run goes "
+        "on from there).",
     )
     require_owner: bool = Field(
         default=True, description="Reject posts whose owner_user_id is NULL (deleted users)."
@@ -132,28 +147,33 @@ class FilterConfig(BacklogLimits):
         "to each database.",
     )
 
+    def change_settings(self) -> ChangeSettings:
+        return ChangeSettings(
+            column=self.change_column,
+            lookback=timedelta(seconds=self.change_lookback_seconds),
+            batch_size=self.change_batch_size,
+            require_owner=self.require_owner,
+            time_budget=timedelta(seconds=self.change_time_budget_seconds),
+        )
+
 
 def plan_window(
-    context: dg.AssetExecutionContext,
-    config: SourceBatchConfig,
-    source_db: PostgresResource,
-    analytical_db: PostgresResource,
+    context: dg.AssetExecutionContext, config: SourceBatchConfig, run: RunConnections
 ) -> PostWindow:
     """The next window after the cursor (or a replay's start), from the current state."""
-    cursor, cursor_origin = current_cursor(context.instance, analytical_db)
+    cursor, cursor_origin = current_cursor(context.instance, run.analytical)
     if config.start_after_id is None:
         after_id = cursor
         read_after_id = None if cursor is None else cursor - config.lookback_ids
     else:
         after_id = read_after_id = config.start_after_id
         cursor_origin = REPLAY_ORIGIN
-    with source_db.connect() as connection:
-        source.check_source_table(connection, source_db.location)
-        new_rows, first_id, last_new_id = source.next_window_bounds(
-            connection, after_id, config.batch_size
-        )
-        highest_source_id = source.max_id(connection)
-        source_newest_at = source.newest_post_time(connection)
+    source.check_source_table(run.source, run.source_location)
+    new_rows, first_id, last_new_id = source.next_window_bounds(
+        run.source, after_id, config.batch_size
+    )
+    highest_source_id = source.max_id(run.source)
+    source_newest_at = source.newest_post_time(run.source)
     window = PostWindow(
         read_after_id=read_after_id,
         after_id=after_id,
@@ -196,6 +216,20 @@ def retrying_transient_errors(context: dg.AssetExecutionContext) -> Iterator[Non
         ) from error
 
 
+@contextmanager
+def run_connections(
+    context: dg.AssetExecutionContext,
+    source_db: PostgresResource,
+    analytical_db: PostgresResource,
+) -> Iterator[RunConnections]:
+    """The step's connections, with transient errors retried."""
+    with (
+        retrying_transient_errors(context),
+        RunConnections(source_db, analytical_db, context.run.run_id) as run,
+    ):
+        yield run
+
+
 @_asset(io_manager_key=WINDOW_IO_MANAGER_KEY)
 def source_posts_batch(
     context: dg.AssetExecutionContext,
@@ -204,13 +238,13 @@ def source_posts_batch(
     analytical_db: PostgresResource,
 ) -> dg.Output[PostWindow]:
     """The next window of source post ids after the cursor (its bounds, not its rows)."""
-    with retrying_transient_errors(context):
-        window = plan_window(context, config, source_db, analytical_db)
+    with run_connections(context, source_db, analytical_db) as run:
+        window = plan_window(context, config, run)
     return dg.Output(window, metadata=window.metadata())
 
 
 @_asset(
-    check_specs=window_check_specs("filtered_posts"),
+    check_specs=window_check_specs(),
     # Shown on the asset's page: warn after an hour (four ticks) without a new
     # materialization, fail after three.
     freshness_policy=dg.FreshnessPolicy.time_window(
@@ -229,27 +263,33 @@ def filtered_posts(
     Rejected posts go to `posts_rejected` with their reason. `last_processed_id` in this
     asset's metadata is the pipeline's cursor.
     """
-    with retrying_transient_errors(context):
-        return _load_window(context, config, source_posts_batch, source_db, analytical_db)
+    # Dagster and the definitions leave ~150,000 objects that live as long as the process;
+    # moving them out of the cyclic collector's reach spares every later full collection the
+    # walk over them, and the process's exit 0.6 s of it (a tick ends that much sooner).
+    gc.freeze()
+    with run_connections(context, source_db, analytical_db) as run:
+        return _load_windows(context, config, source_posts_batch, run)
 
 
-def _load_window(
+def _load_windows(
     context: dg.AssetExecutionContext,
     config: FilterConfig,
     window: PostWindow | None,
-    source_db: PostgresResource,
-    analytical_db: PostgresResource,
+    run: RunConnections,
 ) -> dg.MaterializeResult:
+    """Load the window (and, catching up, the windows after it), then apply the changes."""
     if window is None:
         # filtered_posts alone (the UI's Materialize button, `dagster asset materialize`): no
         # window was planned in this run, and a stored one would be stale.
         context.log.info("No window from source_posts_batch in this run: planning one now.")
-        window = plan_window(context, SourceBatchConfig(), source_db, analytical_db)
-    with analytical_db.connect() as connection:
-        analytical.ensure_tables(connection)
-    change_cursor = ChangeCursor.from_metadata(latest_metadata(context.instance))
+        window = plan_window(context, SourceBatchConfig(), run)
+    run.writer.ensure_tables()
+    change_cursor = previous_cursor(
+        run, ChangeCursor.from_metadata(latest_metadata(context.instance))
+    )
+    loader = WindowLoader(run, config.require_owner, config.copy_streams)
     started = time.monotonic()
-    load, seconds = _load(context, config, window, source_db, analytical_db)
+    load, seconds = _load(context, loader, window)
     # A catch-up run goes on window after window; each committed one is recorded as a
     # materialization with its cursor, so a crash loses at most the window in flight.
     while (
@@ -261,26 +301,18 @@ def _load_window(
             dg.AssetMaterialization(
                 asset_key=context.asset_key,
                 metadata={
-                    **_window_metadata(window, load, seconds, analytical_db),
+                    **_window_metadata(window, load, seconds, run),
                     **(change_cursor.metadata() if change_cursor else {}),
                 },
             )
         )
         next_window = SourceBatchConfig(batch_size=config.catch_up_batch_size, lookback_ids=0)
-        window = plan_window(context, next_window, source_db, analytical_db)
-        load, seconds = _load(context, config, window, source_db, analytical_db)
-    changes = capture_changes(
-        source_db,
-        analytical_db,
-        config.change_column,
-        change_cursor,
-        window.cursor_after,
-        config.require_owner,
-        timedelta(seconds=config.change_lookback_seconds),
-        config.change_batch_size,
-    )
-    if changes.index_missing and config.change_column:
-        context.log.warning("Change capture: %s", missing_index_advice(config.change_column))
+        window = plan_window(context, next_window, run)
+        load, seconds = _load(context, loader, window)
+    settings = config.change_settings()
+    changes = capture_changes(run, settings, change_cursor, window.cursor_after)
+    if changes.index_missing and settings.column:
+        context.log.warning("Change capture: %s", missing_index_advice(settings.column))
     if changes.applied is not None:
         context.log.info(
             "Changes: %d read after %s; %d updated, %d inserted, %d now rejected",
@@ -288,41 +320,39 @@ def _load_window(
             changes.cursor.at if changes.cursor else None,
             changes.applied.updated_rows,
             changes.applied.inserted_rows,
-            sum(changes.applied.newly_rejected_by_reason.values()),
+            changes.applied.newly_rejected_rows,
         )
-    with analytical_db.connect() as connection:
-        checks = [
-            check_post_ids_are_unique(connection),
-            check_backlog(window.ids_behind_source, config),
-        ]
-        preview = {}
-        if load.loaded_rows and window.last_id is not None:
-            rows = analytical.preview_rows(connection, window.after_id, window.last_id)
-            preview["preview"] = markdown_table(analytical.copied_columns(analytical.posts), rows)
+    checks = [
+        check_post_ids_are_unique(run.analytical),
+        check_backlog(window.ids_behind_source, config),
+    ]
+    preview = {}
+    if load.loaded_rows and window.last_id is not None:
+        rows = preview_rows(run.analytical, window.after_id, window.last_id)
+        preview["preview"] = markdown_table(copied_columns(posts), rows)
     return dg.MaterializeResult(
         check_results=checks,
         metadata={
-            **_window_metadata(window, load, seconds, analytical_db),
+            **_window_metadata(window, load, seconds, run),
             **preview,
             **changes.metadata(),
         },
     )
 
 
+# A wait for the write lock longer than this is logged as a warning.
+LOCK_WAIT_WARNING_SECONDS = 1.0
+
+
 def _load(
-    context: dg.AssetExecutionContext,
-    config: FilterConfig,
-    window: PostWindow,
-    source_db: PostgresResource,
-    analytical_db: PostgresResource,
+    context: dg.AssetExecutionContext, loader: WindowLoader, window: PostWindow
 ) -> tuple[WindowLoad, float]:
     """Load one window; return what it did and how long it took."""
     started = time.monotonic()
     if window.is_empty:
-        load = WindowLoad()
+        load = WindowLoad(lock_wait=loader.run.writer.take_lock_wait())
         context.log.info("Caught up: nothing after id %s; cursor unchanged.", window.after_id)
     else:
-        loader = WindowLoader(source_db, analytical_db, config.require_owner, config.copy_streams)
         load = loader.load(window)
         context.log.info(
             "Window %s: %s; cursor %s -> %s",
@@ -331,25 +361,24 @@ def _load(
             window.cursor_before,
             window.cursor_after,
         )
-    if load.lock_wait_seconds:
+    if load.lock_wait.seconds > LOCK_WAIT_WARNING_SECONDS:
         context.log.warning(
-            "Waited %.1f s for another run holding the load lock; rows it had loaded were found "
+            "Waited %.1f s for the write lock, held by %s; rows it had loaded were found "
             "present and skipped.",
-            load.lock_wait_seconds,
+            load.lock_wait.seconds,
+            load.lock_wait.holder or "another writer",
         )
     return load, time.monotonic() - started
 
 
 def _window_metadata(
-    window: PostWindow, load: WindowLoad, seconds: float, analytical_db: PostgresResource
+    window: PostWindow, load: WindowLoad, seconds: float, run: RunConnections
 ) -> dict[str, Any]:
     """A materialization's metadata: the table's state, the cursor, and the load."""
-    with analytical_db.connect() as connection:
-        state = read_posts_state(connection)
     return {
-        "dagster/table_name": analytical.posts.name,
-        "dagster/column_schema": column_schema(analytical.posts),
-        **state.metadata(window),
+        "dagster/table_name": posts.name,
+        "dagster/column_schema": column_schema(posts),
+        **read_posts_state(run.analytical).metadata(window),
         **window.cursor_metadata(),
         **load.metadata(seconds),
     }

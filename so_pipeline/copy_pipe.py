@@ -164,3 +164,15 @@ def copy_in_from_file(target: psycopg.Connection, copy_in: sql.Composed, data: I
     """Write the binary COPY data in `data` (from its position on) through `copy_in`; return
     the rows written."""
     return _copy_in(target, copy_in, iter(lambda: bytearray(data.read(PIPE_CHUNK_BYTES)), b""))
+
+
+def copy_rows_in(
+    target: psycopg.Connection, copy_in: sql.Composed, types: list[str], rows: Iterable[tuple]
+) -> int:
+    """Write Python `rows` of the given PostgreSQL `types` through a binary `copy_in`; return
+    the rows written."""
+    with target.cursor() as writer, writer.copy(copy_in) as rows_in:
+        rows_in.set_types(types)
+        for row in rows:
+            rows_in.write_row(row)
+    return writer.rowcount

@@ -3,16 +3,15 @@
 from typing import Any
 
 import dagster as dg
+import psycopg
 
-from so_pipeline.analytical_posts import highest_processed_id
-from so_pipeline.resources import PostgresResource
+from so_pipeline.analytical_reads import highest_processed_id, recorded_state
+from so_pipeline.names import FILTERED_POSTS
 from so_pipeline.window import CURSOR_METADATA_KEY
-
-FILTERED_POSTS_KEY = dg.AssetKey("filtered_posts")
 
 
 def latest_metadata(
-    instance: dg.DagsterInstance, asset_key: dg.AssetKey = FILTERED_POSTS_KEY
+    instance: dg.DagsterInstance, asset_key: dg.AssetKey = FILTERED_POSTS
 ) -> dict[str, Any]:
     """Metadata values of the asset's latest materialization ({} when none)."""
     event = instance.get_latest_materialization_event(asset_key)
@@ -27,24 +26,23 @@ def cursor_from_history(instance: dg.DagsterInstance) -> int | None:
     return latest_metadata(instance).get(CURSOR_METADATA_KEY)
 
 
-def cursor_from_analytical(analytical_db: PostgresResource) -> int | None:
-    """The highest id already loaded or rejected: where to resume when history is lost."""
-    with analytical_db.connect() as connection:
-        return highest_processed_id(connection)
-
-
 def current_cursor(
-    instance: dg.DagsterInstance, analytical_db: PostgresResource
+    instance: dg.DagsterInstance, analytical: psycopg.Connection
 ) -> tuple[int | None, str]:
-    """(the cursor, where it came from): the history, else the analytical tables, else None."""
+    """(the cursor, where it came from): the history; when that is lost, the cursor recorded
+    with the rows in the analytical database, else the highest id loaded or rejected there;
+    else None."""
     cursor = cursor_from_history(instance)
     if cursor is not None:
         return cursor, "materialization history"
-    cursor = cursor_from_analytical(analytical_db)
+    recorded = recorded_state(analytical, CURSOR_METADATA_KEY)
+    if recorded is not None:
+        return int(recorded), "analytical tables"
+    cursor = highest_processed_id(analytical)
     return cursor, "analytical tables" if cursor is not None else "start of source"
 
 
 def cursor_recorded_at(instance: dg.DagsterInstance) -> float | None:
     """When the latest `filtered_posts` materialization was recorded (a Unix timestamp)."""
-    event = instance.get_latest_materialization_event(FILTERED_POSTS_KEY)
+    event = instance.get_latest_materialization_event(FILTERED_POSTS)
     return event.timestamp if event else None

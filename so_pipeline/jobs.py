@@ -2,30 +2,34 @@
 
 import dagster as dg
 
-from so_pipeline.assets import DEFAULT_BATCH_SIZE, filtered_posts, source_posts_batch
-from so_pipeline.checks import loaded_bodies_are_not_blank, reconciled_with_source
 from so_pipeline.cursor import current_cursor
+from so_pipeline.names import (
+    BACKLOG_WITHIN_LIMITS,
+    FILTERED_POSTS,
+    LOADED_BODIES_ARE_NOT_BLANK,
+    POST_IDS_ARE_UNIQUE,
+    POSTS_JOB,
+    RECONCILED_WITH_SOURCE,
+    RECONCILIATION_JOB,
+    SENSOR_INTERVAL_SECONDS,
+    SOURCE_POSTS_BATCH,
+)
 from so_pipeline.resources import PostgresResource
 from so_pipeline.source_posts import max_id
-from so_pipeline.window import ids_behind
+from so_pipeline.window import DEFAULT_BATCH_SIZE, ids_behind
 
 # dagster.yaml limits runs carrying this tag to one at a time, so scheduled ticks queue
 # instead of overlapping (correctness does not depend on it: loads are idempotent and locked).
 SERIAL_RUN_TAG = {"so_pipeline/serial": "stackoverflow_posts"}
 
 
-def source_max_id(source_db: PostgresResource) -> int | None:
-    with source_db.connect() as connection:
-        return max_id(connection)
-
-
 stackoverflow_posts_job = dg.define_asset_job(
-    name="stackoverflow_posts_job",
+    name=POSTS_JOB,
     # The window's own checks are evaluated by filtered_posts itself; the checks that read the
     # whole table run daily in reconciliation_job (on a 1M-post window the blank-body scan
     # alone added 1.7 s, 20%, to the run).
-    selection=dg.AssetSelection.assets(source_posts_batch, filtered_posts).without_checks()
-    | dg.AssetSelection.checks(*filtered_posts.check_keys),
+    selection=dg.AssetSelection.assets(SOURCE_POSTS_BATCH, FILTERED_POSTS).without_checks()
+    | dg.AssetSelection.checks(POST_IDS_ARE_UNIQUE, BACKLOG_WITHIN_LIMITS),
     description="Load the next window of Stack Overflow posts into the analytical database.",
     # Two light steps: one process saves ~3 s of start-up per run against the default.
     executor_def=dg.in_process_executor,
@@ -55,11 +59,6 @@ CATCH_UP_RUN_SECONDS = 600
 # The sensor starts catching up when the source is this many ids ahead of the cursor: more
 # than a default window, so the 15-minute schedule alone would fall behind.
 CATCH_UP_AFTER_IDS_BEHIND = DEFAULT_BATCH_SIZE
-# How often the daemon evaluates each sensor (Dagster's default). It logs two INFO lines per
-# evaluation, whatever the outcome, so every 10 s flooded an idle daemon's output; 30 s delays a
-# catch-up run by at most 30 s after the one before (runs of up to CATCH_UP_RUN_SECONDS: 5%),
-# and an alert by at most 30 s.
-SENSOR_INTERVAL_SECONDS = 30
 
 _ACTIVE_RUN_STATUSES = [
     dg.DagsterRunStatus.QUEUED,
@@ -95,8 +94,10 @@ def stackoverflow_posts_catch_up_sensor(
     )
     if active:
         return dg.SkipReason(f"Run {active[0].dagster_run.run_id} is still going.")
-    cursor, _ = current_cursor(context.instance, analytical_db)
-    behind = ids_behind(source_max_id(source_db), cursor)
+    with analytical_db.connect() as analytical:
+        cursor, _ = current_cursor(context.instance, analytical)
+    with source_db.connect() as source:
+        behind = ids_behind(max_id(source), cursor)
     if behind <= CATCH_UP_AFTER_IDS_BEHIND:
         return dg.SkipReason(
             f"{behind:,} ids behind the source: the schedule keeps up "
@@ -120,8 +121,8 @@ def stackoverflow_posts_catch_up_sensor(
 
 
 reconciliation_job = dg.define_asset_job(
-    name="stackoverflow_posts_reconciliation_job",
-    selection=dg.AssetSelection.checks(reconciled_with_source, loaded_bodies_are_not_blank),
+    name=RECONCILIATION_JOB,
+    selection=dg.AssetSelection.checks(RECONCILED_WITH_SOURCE, LOADED_BODIES_ARE_NOT_BLANK),
     description="Compare every processed source id with the analytical tables, and check "
     "every loaded body.",
     executor_def=dg.in_process_executor,

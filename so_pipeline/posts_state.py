@@ -6,14 +6,15 @@ from typing import Any
 
 import psycopg
 
-from so_pipeline import analytical_posts as analytical
+from so_pipeline import analytical_reads as analytical
 from so_pipeline.metadata import labels, numbers
 from so_pipeline.window import PostWindow
 
 
 @dataclass(frozen=True)
 class PostsState:
-    posts_rows: int
+    live_posts: int  # in posts and at the source (the posts_live view)
+    deleted_posts: int  # in posts, soft-deleted: gone from the source
     rejected_by_reason: dict[str, int]
     newest_loaded_at: datetime | None
     body_compression: str
@@ -31,12 +32,13 @@ class PostsState:
             ),
         }
         return {
-            "dagster/row_count": self.posts_rows,
+            "dagster/row_count": self.live_posts,
             **{key: value for key, value in times.items() if value is not None},
             **labels({"body_compression": self.body_compression}),
             **numbers(
                 {
                     "ids_behind_source": window.ids_behind_source,
+                    "deleted_posts_total": self.deleted_posts,
                     "lag_seconds": lag,
                     "rejected_total": sum(self.rejected_by_reason.values()),
                     **{
@@ -50,8 +52,10 @@ class PostsState:
 
 def read_posts_state(connection: psycopg.Connection) -> PostsState:
     """The state of the tables, from the row counters and the newest loaded post."""
+    deleted = analytical.deleted_posts_count(connection)
     return PostsState(
-        posts_rows=analytical.posts_row_count(connection),
+        live_posts=analytical.posts_row_count(connection) - deleted,
+        deleted_posts=deleted,
         rejected_by_reason=analytical.rejected_totals(connection),
         newest_loaded_at=analytical.newest_loaded_time(connection),
         body_compression=analytical.body_compression(connection),

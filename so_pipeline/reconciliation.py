@@ -1,35 +1,77 @@
-"""The daily safety net: compare id sets with the source, exactly, and repair what differs.
+"""The daily safety net: compare the copy with the source, value for value, and repair it.
 
-Per bucket of ids, both sides give a count and an order-independent digest of their ids (the
-sum of PostgreSQL's `hashint8`), read from the primary-key indexes (no bodies). A deletion
-and a late row in one bucket leave the counts equal but not the digests. Only buckets that
-differ are read id by id. Then: ids missing from the analytical tables (rows that committed
-too late for any look-back, posts undeleted at the source) are loaded under the rules; ids no
-longer at the source are soft-deleted (`deleted_at` set, the row kept for history).
+Ids, every bucket, every day: per bucket of ids both sides give a count and an
+order-independent digest of their ids (the sum of PostgreSQL's `hashint8`), read from the
+primary-key indexes (no bodies). A deletion and a late row in one bucket leave the counts
+equal but not the digests.
+
+Contents, on a rotating share of the buckets: both sides give the count and the sum of their
+rows' hashes (content_digests: every copied value and the rules' verdict). That reads every
+body, so each day takes the buckets b with b % content_days == day % content_days: every row
+is verified at least every `content_days` days (1: all of them daily).
+
+Differing buckets are read id by id (row hashes), under the write lock, so no load or change
+capture races with the repair: ids whose source row is missing from the copy or differs are
+re-read through the rules (inserted, updated, moved between the tables, restored); ids gone
+from the source are soft-deleted (`deleted_at` set, the row kept for history), unless that
+would delete more than the mass-delete threshold (a truncated source, an old snapshot, the
+wrong database): then nothing is deleted and the check fails until a run allows it.
 """
 
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
 import sqlalchemy as sa
 
-from so_pipeline import analytical_posts as analytical
-from so_pipeline.copy_pipe import pipe_copy
-from so_pipeline.core_sql import execute, server_encoding
-from so_pipeline.post_rules import rule_params
-from so_pipeline.resources import PostgresResource
-from so_pipeline.source_posts import copy_posts_by_id, source_posts
+from so_pipeline.analytical_reads import live_posts_count
+from so_pipeline.analytical_schema import TABLES
+from so_pipeline.content_digests import (
+    analytical_digest,
+    analytical_row_hashes,
+    source_digest,
+    source_row_hashes,
+)
+from so_pipeline.core_sql import execute
+from so_pipeline.posts_merge import PostsMerge
+from so_pipeline.run_connections import RunConnections
+from so_pipeline.source_posts import (
+    COPY_CLASSIFIED_POSTS,
+    copy_posts_by_id,
+    range_params,
+    source_posts,
+)
 
 # 100,000 ids per bucket: ~800 buckets for Stack Overflow, and a differing bucket is read id by
 # id in a fraction of a second.
 BUCKET_IDS = 100_000
 # At most this many ids are named in a failed check's message.
 NAMED_IDS = 20
+# A repair may soft-delete at most this share of the live posts (or MIN_MASS_DELETE, whichever
+# is larger) unless its run allows more.
+MASS_DELETE_SHARE = 0.01
+MIN_MASS_DELETE = 100
 
 Digests = dict[int, tuple[int, int]]  # bucket -> (ids, sum of their hashes)
+
+
+@dataclass(frozen=True)
+class ReconcileSettings:
+    """How a reconciliation compares and repairs (the check's run config)."""
+
+    require_owner: bool = True
+    content_days: int = 7
+    day: int = 0  # days since the epoch: picks the day's share of content buckets
+    allow_mass_delete: bool = False
+    mass_delete_threshold: int | None = None  # None: the default share of live posts
+    recopy: tuple[int | None, int] | None = None  # ids (after, up_to] to re-copy, if asked
+
+    def content_buckets(self, buckets: set[int]) -> set[int]:
+        return {b for b in buckets if b % self.content_days == self.day % self.content_days}
 
 
 def bucket_bounds(bucket: int, size: int = BUCKET_IDS) -> tuple[int, int]:
@@ -51,14 +93,20 @@ def _digest_query(ids: sa.ColumnElement, table: sa.FromClause, *where: Any) -> s
     )
 
 
-def _index_only(connection: psycopg.Connection) -> None:
-    """Read ids from the primary keys: a sequential scan would read every body."""
-    connection.execute("SET enable_seqscan = off")
+@contextmanager
+def _index_only(connection: psycopg.Connection) -> Iterator[None]:
+    """A transaction that reads ids from the primary keys: a sequential scan would read every
+    body. (SET LOCAL: the setting ends with it, and holds behind a transaction pooler.)"""
+    with connection.transaction():
+        connection.execute("SET LOCAL enable_seqscan = off")
+        yield
 
 
 def source_digests(connection: psycopg.Connection, up_to_id: int) -> Digests:
     query = _digest_query(source_posts.c.id, source_posts, source_posts.c.id <= up_to_id)
-    return {int(b): (int(n), int(h)) for b, n, h in execute(connection, query).fetchall()}
+    with _index_only(connection):
+        rows = execute(connection, query).fetchall()
+    return {int(b): (int(n), int(h)) for b, n, h in rows}
 
 
 def analytical_digests(connection: psycopg.Connection, up_to_id: int) -> Digests:
@@ -68,47 +116,25 @@ def analytical_digests(connection: psycopg.Connection, up_to_id: int) -> Digests
     partial index on the few deleted ids).
     """
     digests: dict[int, list[int]] = {}
-    for table in analytical.TABLES:
-        for sign, deleted in ((1, False), (-1, True)):
-            where = [table.c.id <= up_to_id]
-            if deleted:
-                where.append(table.c.deleted_at.is_not(None))
-            for bucket, count, digest in execute(
-                connection, _digest_query(table.c.id, table, *where)
-            ).fetchall():
-                totals = digests.setdefault(int(bucket), [0, 0])
-                totals[0] += sign * int(count)
-                totals[1] += sign * int(digest)
+    with _index_only(connection):
+        rows = [
+            (sign, row)
+            for table in TABLES
+            for sign, deleted in ((1, False), (-1, True))
+            for row in execute(connection, _active_digest_query(table, deleted, up_to_id))
+        ]
+    for sign, (bucket, count, digest) in rows:
+        totals = digests.setdefault(int(bucket), [0, 0])
+        totals[0] += sign * int(count)
+        totals[1] += sign * int(digest)
     return {b: (n, h) for b, (n, h) in digests.items() if n or h}
 
 
-def source_ids(connection: psycopg.Connection, low: int, high: int) -> set[int]:
-    ids = source_posts.c.id
-    query = sa.select(ids).where(ids.between(low, high))
-    return {row[0] for row in execute(connection, query).fetchall()}
-
-
-def analytical_active_ids(connection: psycopg.Connection, low: int, high: int) -> set[int]:
-    found: set[int] = set()
-    for table in analytical.TABLES:
-        query = sa.select(table.c.id).where(
-            table.c.id.between(low, high), table.c.deleted_at.is_(None)
-        )
-        found |= {row[0] for row in execute(connection, query).fetchall()}
-    return found
-
-
-def soft_delete(connection: psycopg.Connection, ids: list[int]) -> int:
-    """Mark `ids` deleted in whichever table holds them (already marked ones stay as they are)."""
-    marked = 0
-    for table in analytical.TABLES:
-        update = (
-            sa.update(table)
-            .where(table.c.id.in_(ids), table.c.deleted_at.is_(None))
-            .values(deleted_at=sa.func.now())
-        )
-        marked += execute(connection, update).rowcount
-    return marked
+def _active_digest_query(table: sa.Table, deleted: bool, up_to_id: int) -> sa.Select:
+    where = [table.c.id <= up_to_id]
+    if deleted:
+        where.append(table.c.deleted_at.is_not(None))
+    return _digest_query(table.c.id, table, *where)
 
 
 @dataclass
@@ -118,91 +144,180 @@ class Reconciliation:
     up_to_id: int
     ids_compared: int = 0
     buckets_compared: int = 0
+    content_buckets_compared: int = 0
     buckets_differing: int = 0
     loaded: int = 0
+    updated: int = 0
     restored: int = 0
     marked_deleted: int = 0
+    recopied: int = 0
+    deletions_held_back: list[int] = field(default_factory=list)
+    deletion_limit: int = 0
     unrepaired: list[int] = field(default_factory=list)
     seconds: float = 0.0
 
     def metadata(self) -> dict[str, Any]:
         shown = self.unrepaired[:NAMED_IDS]
+        held = self.deletions_held_back[:NAMED_IDS]
         return {
             "ids_checked_up_to": self.up_to_id,
             "ids_compared": self.ids_compared,
             "buckets_compared": self.buckets_compared,
+            "content_buckets_compared": self.content_buckets_compared,
             "buckets_differing": self.buckets_differing,
             "rows_loaded_by_repair": self.loaded,
+            "rows_updated_by_repair": self.updated,
             "rows_restored": self.restored,
             "rows_marked_deleted": self.marked_deleted,
+            "rows_recopied": self.recopied,
+            "deletions_held_back": len(self.deletions_held_back),
+            "deletion_limit": self.deletion_limit,
             "ids_unrepaired": len(self.unrepaired),
             "duration_seconds": round(self.seconds, 3),
             **({"unrepaired_ids": ", ".join(map(str, shown))} if shown else {}),
+            **({"held_back_ids": ", ".join(map(str, held))} if held else {}),
         }
+
+    def problem(self) -> str | None:
+        """Why the check fails, in words (None: the copy equals the source)."""
+        if self.deletions_held_back and not self.ids_compared:
+            return (
+                f"The source holds no post up to id {self.up_to_id}, and the copy holds "
+                f"{len(self.deletions_held_back)}: nothing was deleted. Check that "
+                "SO_SOURCE_DATABASE_URL points at the right database."
+            )
+        if self.deletions_held_back:
+            shown = ", ".join(map(str, self.deletions_held_back[:NAMED_IDS]))
+            return (
+                f"{len(self.deletions_held_back)} posts are gone from the source, more than the "
+                f"{self.deletion_limit} a repair deletes on its own (e.g. {shown}): nothing was "
+                "deleted. If the source really lost them, run the reconciliation with "
+                "allow_mass_delete: true (or a higher mass_delete_threshold); if not, check "
+                "SO_SOURCE_DATABASE_URL points at the right database."
+            )
+        if self.unrepaired:
+            shown = ", ".join(map(str, self.unrepaired[:NAMED_IDS]))
+            return (
+                f"{len(self.unrepaired)} ids still differ after the repair (e.g. {shown}): "
+                "changed at the source while it ran, or not writable. Run the reconciliation "
+                "again."
+            )
+        return None
+
+
+def _differing_ids(
+    run: RunConnections, low: int, high: int, rules: dict[str, object]
+) -> tuple[list[int], list[int]]:
+    """(ids to re-read from the source, ids gone from it) in [low, high]."""
+    theirs = source_row_hashes(run.source, low, high, rules)
+    ours = analytical_row_hashes(run.analytical, low, high)
+    to_read = sorted(i for i, h in theirs.items() if ours.get(i) != h)
+    gone = sorted(set(ours) - set(theirs))
+    return to_read, gone
+
+
+def _deletion_limit(run: RunConnections, settings: ReconcileSettings) -> int:
+    if settings.mass_delete_threshold is not None:
+        return settings.mass_delete_threshold
+    return max(MIN_MASS_DELETE, int(live_posts_count(run.analytical) * MASS_DELETE_SHARE))
+
+
+def _apply(merge: PostsMerge, result: Reconciliation) -> None:
+    applied = merge.apply()
+    result.restored += applied.restored_rows
+    result.loaded += applied.inserted_rows + applied.newly_rejected_rows - applied.restored_rows
+    result.updated += applied.updated_rows
 
 
 def _repair(
-    source: psycopg.Connection,
-    target: psycopg.Connection,
-    missing: list[int],
-    gone: list[int],
+    run: RunConnections,
+    ranges: list[tuple[int, int]],
+    settings: ReconcileSettings,
     rules: dict[str, object],
     result: Reconciliation,
 ) -> None:
-    """In one transaction under the load lock: load `missing` under the rules, mark `gone`."""
-    with target.transaction():
-        analytical.wait_for_lock(target)
-        if missing:
-            staged = analytical.create_classified_staging(target)
-            copy_in = analytical.copy_in(staged.name, analytical.CLASSIFIED_COLUMNS)
-            pipe_copy(source, copy_posts_by_id(), {"ids": missing, **rules}, target, copy_in)
-            applied = analytical.apply_classified(target, staged)
-            analytical.add_to_row_count(target, applied.inserted_rows)
-            result.restored = applied.restored_rows
-            staged_rows = applied.kept_rows + applied.rejected_rows
-            result.loaded = staged_rows - applied.restored_rows
-        if gone:
-            result.marked_deleted = soft_delete(target, gone)
+    """Under the write lock: read the differing ranges id by id, re-read what differs through
+    the rules, soft-delete what the source lost (within the limit), and record what still
+    differs after."""
+    with run.writer.transaction() as merge:
+        to_read: list[int] = []
+        gone: list[int] = []
+        for low, high in ranges:
+            read, lost = _differing_ids(run, low, high, rules)
+            to_read += read
+            gone += lost
+        if to_read:
+            merge.stage(run.source, copy_posts_by_id(), {"ids": to_read, **rules})
+            _apply(merge, result)
+        _soft_delete(run, merge, gone, settings, result)
+        for low, high in ranges:
+            read, lost = _differing_ids(run, low, high, rules)
+            result.unrepaired += sorted(set(read) | set(lost) - set(result.deletions_held_back))
 
 
-def reconcile(
-    source_db: PostgresResource,
-    analytical_db: PostgresResource,
-    up_to_id: int,
-    require_owner: bool = True,
-) -> Reconciliation:
-    """Compare every id up to `up_to_id` with the source; load the missing, mark the gone."""
+def _soft_delete(
+    run: RunConnections,
+    merge: PostsMerge,
+    gone: list[int],
+    settings: ReconcileSettings,
+    result: Reconciliation,
+) -> None:
+    """Soft-delete `gone`, unless they are more than the limit and the run does not allow it."""
+    result.deletion_limit = _deletion_limit(run, settings)
+    source_empty = result.ids_compared == 0  # a truncated source, or the wrong database
+    if source_empty or (len(gone) > result.deletion_limit and not settings.allow_mass_delete):
+        result.deletions_held_back = gone
+    elif gone:
+        result.marked_deleted += merge.soft_delete(gone)
+
+
+def _recopy(
+    run: RunConnections,
+    settings: ReconcileSettings,
+    rules: dict[str, object],
+    result: Reconciliation,
+) -> None:
+    """Re-copy the asked id range through the rules, under the lock (cursors untouched)."""
+    if settings.recopy is None:
+        return
+    after_id, up_to_id = settings.recopy
+    with run.writer.transaction() as merge:
+        result.recopied = merge.stage(
+            run.source, COPY_CLASSIFIED_POSTS, range_params((after_id, up_to_id), rules)
+        )
+        _apply(merge, result)
+
+
+def reconcile(run: RunConnections, up_to_id: int, settings: ReconcileSettings) -> Reconciliation:
+    """Compare every id up to `up_to_id` with the source, and the day's share of contents;
+    repair what differs."""
     started = time.monotonic()
     result = Reconciliation(up_to_id)
-    with source_db.connect() as source, analytical_db.connect() as target:
-        _index_only(source)
-        _index_only(target)
-        # Both servers scan their indexes at once (one thread each: psycopg waits in C).
-        with ThreadPoolExecutor(2, "so_pipeline-reconcile") as pool:
-            their_digests = pool.submit(source_digests, source, up_to_id)
-            ours = analytical_digests(target, up_to_id)
-            theirs = their_digests.result()
-        differing = sorted(b for b in set(theirs) | set(ours) if theirs.get(b) != ours.get(b))
-        result.ids_compared = sum(n for n, _ in theirs.values())
-        result.buckets_compared = len(set(theirs) | set(ours))
-        result.buckets_differing = len(differing)
-        missing: list[int] = []
-        gone: list[int] = []
-        for bucket in differing:
-            low, high = bucket_bounds(bucket)
-            high = min(high, up_to_id)
-            at_source = source_ids(source, low, high)
-            loaded = analytical_active_ids(target, low, high)
-            missing += sorted(at_source - loaded)
-            gone += sorted(loaded - at_source)
-        if missing or gone:
-            rules = rule_params(require_owner, server_encoding(source))
-            _repair(source, target, missing, gone, rules, result)
-            for bucket in differing:
-                low, high = bucket_bounds(bucket)
-                high = min(high, up_to_id)
-                result.unrepaired += sorted(
-                    source_ids(source, low, high) ^ analytical_active_ids(target, low, high)
-                )
+    rules = run.rules(settings.require_owner)
+    _recopy(run, settings, rules, result)
+    # Both servers scan their indexes at once (one thread each: psycopg waits in C).
+    with ThreadPoolExecutor(2, "so_pipeline-reconcile") as pool:
+        their_digests = pool.submit(source_digests, run.source, up_to_id)
+        ours = analytical_digests(run.analytical, up_to_id)
+        theirs = their_digests.result()
+        buckets = set(theirs) | set(ours)
+        content = sorted(settings.content_buckets(buckets))
+        bounds = dict(zip(content, _bounds(content, up_to_id), strict=True))
+        their_contents = pool.submit(
+            lambda: {b: source_digest(run.source, *bounds[b], rules) for b in content}
+        )
+        our_contents = {b: analytical_digest(run.analytical, *bounds[b]) for b in content}
+        differing_content = {b for b in content if their_contents.result()[b] != our_contents[b]}
+    differing = sorted({b for b in buckets if theirs.get(b) != ours.get(b)} | differing_content)
+    result.ids_compared = sum(n for n, _ in theirs.values())
+    result.buckets_compared = len(buckets)
+    result.content_buckets_compared = len(content)
+    result.buckets_differing = len(differing)
+    if differing:
+        _repair(run, _bounds(differing, up_to_id), settings, rules, result)
     result.seconds = time.monotonic() - started
     return result
+
+
+def _bounds(buckets: list[int], up_to_id: int) -> list[tuple[int, int]]:
+    return [(low, min(high, up_to_id)) for low, high in map(bucket_bounds, buckets)]

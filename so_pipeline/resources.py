@@ -148,6 +148,10 @@ def is_permanent(error: BaseException) -> bool:
     return "FATAL" in message and any(words in message for words in _PERMANENT_LOGIN_MESSAGES)
 
 
+def _named(application_name: str | None) -> dict[str, str]:
+    return {"application_name": application_name} if application_name else {}
+
+
 class PostgresResource(dg.ConfigurableResource):
     """A PostgreSQL database, reached with psycopg 3.
 
@@ -163,16 +167,20 @@ class PostgresResource(dg.ConfigurableResource):
         return describe_location(parse_url(self.url, self.resource_name))
 
     @contextmanager
-    def connect(self) -> Iterator[psycopg.Connection]:
+    def connect(self, application_name: str | None = None) -> Iterator[psycopg.Connection]:
         """A connection in autocommit mode (open `connection.transaction()` to group writes).
 
-        Closed on exit. Errors that name the database (unreachable, refused, broken) leave as
-        one-line `dg.Failure`s naming this resource and its host, never the password.
+        `application_name` (default: so_pipeline) is what pg_stat_activity shows. Closed on
+        exit. Errors that name the database (unreachable, refused, broken) leave as one-line
+        `dg.Failure`s naming this resource and its host, never the password.
         """
         url = parse_url(self.url, self.resource_name)
         try:
             connection = psycopg.connect(
-                make_conninfo(libpq_conninfo(url), **SESSION_SETTINGS),
+                make_conninfo(
+                    libpq_conninfo(url),
+                    **{**SESSION_SETTINGS, **_named(application_name)},
+                ),
                 autocommit=True,
                 connect_timeout=self.connect_timeout_seconds,
             )

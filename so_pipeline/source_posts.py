@@ -5,6 +5,7 @@ COPY requires it), so the column lists below come from the analytical table defi
 """
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 
 import psycopg
@@ -12,7 +13,7 @@ import sqlalchemy as sa
 from psycopg import sql
 from sqlalchemy.dialects import postgresql as pg
 
-from so_pipeline.analytical_posts import copied_columns, post_fields, posts, posts_rejected
+from so_pipeline.analytical_schema import copied_columns, post_fields, posts, posts_rejected
 from so_pipeline.core_sql import execute, scalar, server_encoding
 from so_pipeline.post_rules import (
     REJECT_REASON_SQL,
@@ -27,6 +28,7 @@ from so_pipeline.table_contract import (
     id_is_unique_key,
     type_name,
 )
+from so_pipeline.window import IdRange
 
 SOURCE_TABLE = "posts"
 
@@ -119,16 +121,16 @@ def rows_after(connection: psycopg.Connection, cursor: int | None) -> int:
 
 
 def split_id_range(
-    connection: psycopg.Connection, after_id: int | None, last_id: int, parts: int, rows: int
+    connection: psycopg.Connection, id_range: IdRange, parts: int, rows: int
 ) -> list[int]:
-    """Ids that cut the `rows` source ids in (after_id, last_id] into `parts` about equal parts.
+    """Ids that cut the `rows` source ids in the range into `parts` about equal parts.
 
     Each cut is found after the previous one (keyset on the primary key), so the index is read
     once whatever the number of parts. Fewer cuts come back when the range holds fewer rows
     than expected; every part is non-empty and together they cover the range.
     """
+    previous, last_id = id_range
     cuts: list[int] = []
-    previous = after_id
     for _ in range(parts - 1):
         query = (
             sa.select(_id)
@@ -159,7 +161,7 @@ _IN_ID_RANGE = sql.SQL(
 _NO_EXTRA = sql.SQL("")
 
 
-def _classified(condition: sql.Composable, extra: sql.Composable = _NO_EXTRA) -> sql.Composed:
+def classified_rows(condition: sql.Composable, extra: sql.Composable = _NO_EXTRA) -> sql.Composed:
     """Source rows meeting `condition` with their reject `reason` (NULL when kept), each column
     cast to its analytical type; `extra` adds columns."""
     return sql.SQL(
@@ -175,7 +177,7 @@ def _classified(condition: sql.Composable, extra: sql.Composable = _NO_EXTRA) ->
 
 def _copy_out(columns: Sequence[str]) -> sql.Composed:
     return sql.SQL("COPY (SELECT {} FROM ({}) w) TO STDOUT (FORMAT binary)").format(
-        sql.SQL(", ").join(map(sql.Identifier, columns)), _classified(_IN_ID_RANGE)
+        sql.SQL(", ").join(map(sql.Identifier, columns)), classified_rows(_IN_ID_RANGE)
     )
 
 
@@ -190,45 +192,106 @@ COPY_SPLIT_POSTS = _copy_out(SPLIT_COLUMNS)
 CHANGED_AT = "changed_at"
 
 
-def copy_changed_posts(change_column: str) -> sql.Composed:
-    """Classified rows changed after a keyset position on (`change_column`, id), oldest first.
+@dataclass(frozen=True)
+class OddRows:
+    """Rows whose change time cannot be trusted: change capture cannot place them."""
 
-    Parameters: `after_at` and `after_id` (the position; `after_id` NULL means every id at
-    `after_at` too), `up_to_id` (only ids the id cursor has passed), `limit`, and the rules'.
+    ahead_of_clock: int = 0  # in the future, or infinity
+    without_time: int = 0  # NULL
+
+
+@dataclass(frozen=True)
+class ChangeColumn:
+    """The source column that moves on every edit, read as a UTC timestamp without time zone.
+
+    A `timestamp with time zone` column is converted explicitly (AT TIME ZONE 'UTC'); a
+    `timestamp without time zone` column is taken to hold UTC already, as Stack Exchange's
+    do. Comparisons are made on the column itself, so an index on (it, id) serves them.
     """
-    changed = sql.Identifier(change_column)
-    condition = sql.SQL(
-        "id <= %(up_to_id)s::bigint AND {changed} IS NOT NULL AND ("
-        "{changed} > %(after_at)s::timestamp OR ({changed} = %(after_at)s::timestamp AND "
-        "(%(after_id)s::bigint IS NULL OR id > %(after_id)s::bigint))) "
-        "ORDER BY {changed}, id LIMIT %(limit)s"
-    ).format(changed=changed)
-    extra = sql.SQL(", {}::timestamp AS {}").format(changed, sql.Identifier(CHANGED_AT))
-    columns = [*copied_columns(posts_rejected), CHANGED_AT]
-    return sql.SQL("COPY ({} ) TO STDOUT (FORMAT binary)").format(
-        sql.SQL("SELECT {} FROM ({}) w").format(
-            sql.SQL(", ").join(map(sql.Identifier, columns)), _classified(condition, extra)
+
+    name: str
+    with_time_zone: bool
+
+    def _as_utc(self) -> sql.Composable:
+        column = sql.Identifier(self.name)
+        if self.with_time_zone:
+            return sql.SQL("({} AT TIME ZONE 'UTC')").format(column)
+        return column
+
+    def _param(self, name: str) -> sql.Composable:
+        """A UTC timestamp parameter in the column's own type."""
+        if self.with_time_zone:
+            return sql.SQL("(%({})s::timestamp AT TIME ZONE 'UTC')").format(sql.SQL(name))
+        return sql.SQL("%({})s::timestamp").format(sql.SQL(name))
+
+    def _python_range(self) -> sql.Composable:
+        """Values Python can hold: the year 10000, infinity and beyond are left out."""
+        limit = "'10000-01-01 UTC'::timestamptz" if self.with_time_zone else "'10000-01-01'"
+        return sql.SQL("{} < {}").format(sql.Identifier(self.name), sql.SQL(limit))
+
+    def copy_changes(self) -> sql.Composed:
+        """Classified rows changed after a keyset position on (the column, id), oldest first,
+        with the column's value as `changed_at`.
+
+        Parameters: `after_at` and `after_id` (the position; `after_id` NULL means every id
+        at `after_at` too), `up_to_id` (only ids the id cursor has passed), `limit`, and the
+        rules'. NULL and out-of-range values are never read here (the reconciliation compares
+        those rows' contents).
+        """
+        changed, after_at = sql.Identifier(self.name), self._param("after_at")
+        condition = sql.SQL(
+            "id <= %(up_to_id)s::bigint AND {in_range} AND ({changed} > {after_at} OR "
+            "({changed} = {after_at} AND (%(after_id)s::bigint IS NULL OR "
+            "id > %(after_id)s::bigint))) ORDER BY {changed}, id LIMIT %(limit)s"
+        ).format(in_range=self._python_range(), changed=changed, after_at=after_at)
+        extra = sql.SQL(", {} AS {}").format(self._as_utc(), sql.Identifier(CHANGED_AT))
+        columns = [*copied_columns(posts_rejected), CHANGED_AT]
+        return sql.SQL("COPY ({} ) TO STDOUT (FORMAT binary)").format(
+            sql.SQL("SELECT {} FROM ({}) w").format(
+                sql.SQL(", ").join(map(sql.Identifier, columns)), classified_rows(condition, extra)
+            )
         )
-    )
+
+    def clock(self, connection: psycopg.Connection) -> datetime:
+        """The source server's own clock, as a UTC timestamp without time zone."""
+        return scalar(connection, sa.select(sa.func.timezone("UTC", sa.func.now())))
+
+    def latest_change(self, connection: psycopg.Connection, clock: datetime) -> datetime | None:
+        """The newest change time not ahead of `clock` (read backwards on an index on it)."""
+        query = sql.SQL("SELECT max({}) FROM {} WHERE {} <= {}").format(
+            self._as_utc(),
+            sql.Identifier(SOURCE_TABLE),
+            sql.Identifier(self.name),
+            self._param("clock"),
+        )
+        return connection.execute(query, {"clock": clock}).fetchone()[0]  # type: ignore[index]
+
+    def odd_rows(self, connection: psycopg.Connection, clock: datetime, up_to_id: int) -> OddRows:
+        """Rows up to `up_to_id` whose change time is ahead of `clock` or missing."""
+        changed = sql.Identifier(self.name)
+        query = sql.SQL(
+            "SELECT count(*) FILTER (WHERE {changed} > {clock}), "
+            "count(*) FILTER (WHERE {changed} IS NULL) FROM {table} "
+            "WHERE id <= %(up_to_id)s AND ({changed} > {clock} OR {changed} IS NULL)"
+        ).format(changed=changed, clock=self._param("clock"), table=sql.Identifier(SOURCE_TABLE))
+        ahead, missing = connection.execute(
+            query, {"clock": clock, "up_to_id": up_to_id}
+        ).fetchone()  # type: ignore[misc]
+        return OddRows(ahead_of_clock=ahead, without_time=missing)
 
 
 def copy_posts_by_id() -> sql.Composed:
     """Classified rows whose ids are in the array parameter `ids` (a repair)."""
     return sql.SQL("COPY (SELECT {} FROM ({}) w) TO STDOUT (FORMAT binary)").format(
         sql.SQL(", ").join(map(sql.Identifier, copied_columns(posts_rejected))),
-        _classified(sql.SQL("id = ANY(%(ids)s::bigint[])")),
+        classified_rows(sql.SQL("id = ANY(%(ids)s::bigint[])")),
     )
 
 
-def latest_change(connection: psycopg.Connection, change_column: str) -> datetime | None:
-    """The highest value of the change column (a full scan without an index on it: once)."""
-    column = sa.cast(sa.column(change_column), pg.TIMESTAMP(timezone=False))
-    return scalar(connection, sa.select(sa.func.max(column)).select_from(source_posts))
-
-
-def range_params(after_id: int | None, last_id: int, rules: dict[str, object]) -> dict[str, object]:
+def range_params(id_range: IdRange, rules: dict[str, object]) -> dict[str, object]:
     """Parameters of COPY_SPLIT_POSTS / COPY_CLASSIFIED_POSTS for the ids in (after_id, last_id].
 
     `rules` are the rules' own parameters (`post_rules.rule_params`).
     """
+    after_id, last_id = id_range
     return {"after_id": after_id, "last_id": last_id, **rules}

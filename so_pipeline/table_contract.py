@@ -36,6 +36,8 @@ PG_INDEX = sa.table(
     sa.column("indisprimary"),
     sa.column("indnkeyatts"),
     sa.column("indpred"),
+    sa.column("indisvalid"),
+    sa.column("indimmediate"),
 )
 PG_ATTRIBUTE = sa.table(
     "pg_attribute",
@@ -119,18 +121,23 @@ def _indexes_leading_with(
     return scalar(connection, query)
 
 
-def id_is_unique_key(connection: psycopg.Connection, table: str) -> bool:
-    """Whether `table`'s `id` is NOT NULL and alone in a unique, non-partial index.
+def id_is_unique_key(connection: psycopg.Connection, table: str, immediate: bool = False) -> bool:
+    """Whether `table`'s `id` is NOT NULL and alone in a valid, unique, non-partial index
+    (`immediate`: checked at once, not DEFERRABLE, as ON CONFLICT (id) needs).
 
-    (A primary key on `id` is one.) The cursor, and ON CONFLICT (id), need one row per id.
+    (A primary key on `id` is one.) The cursor, and ON CONFLICT (id), need one row per id. An
+    index left INVALID by a failed CREATE INDEX CONCURRENTLY proves nothing.
     """
     index = PG_INDEX
-    unique_alone = (
+    unique_alone = [
         index.c.indisunique,
+        index.c.indisvalid,
         index.c.indnkeyatts == 1,
         index.c.indpred.is_(None),
         PG_ATTRIBUTE.c.attnotnull,
-    )
+    ]
+    if immediate:
+        unique_alone.append(index.c.indimmediate)
     return bool(_indexes_leading_with(connection, table, "id", *unique_alone))
 
 

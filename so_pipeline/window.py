@@ -8,6 +8,10 @@ import dagster as dg
 
 from so_pipeline.metadata import labels, numbers
 
+# 100k posts (~120 MB of source data) take a few seconds per tick and keep each transaction
+# short; raise it for a catch-up run, memory does not grow with it.
+DEFAULT_BATCH_SIZE = 100_000
+
 # The window as a whole, in source_posts_batch's metadata (see window_io).
 WINDOW_METADATA_KEY = "window"
 
@@ -146,20 +150,21 @@ def plan_load(window: PostWindow, highest_loaded: int | None) -> LoadPlan:
     """Send the window's new ids straight to `posts` when every one lies above every loaded id.
 
     Then no conflict is possible and COPY writes once. (Another writer would have to bypass
-    the advisory lock to break this; the unique violation would then fail the run, and its
+    the write lock to break this; the unique violation would then fail the run, and its
     retry would take the merge path.) The look-back, replays of loaded ranges and windows
     below loaded ids are merged.
     """
-    assert window.last_id is not None
-    new_after = window.after_id
+    new_after, last_id = window.after_id, window.last_id
+    if last_id is None:
+        return LoadPlan(None, [])  # an empty source: nothing to read
     merged: list[IdRange] = []
     if new_after is not None and window.read_after_id != new_after:
         merged.append((window.read_after_id, new_after))  # the look-back
-    if new_after is not None and new_after >= window.last_id:
+    if new_after is not None and new_after >= last_id:
         return LoadPlan(None, merged)
     if highest_loaded is None or (new_after is not None and new_after >= highest_loaded):
-        return LoadPlan((new_after, window.last_id), merged)
-    return LoadPlan(None, [*merged, (new_after, window.last_id)])
+        return LoadPlan((new_after, last_id), merged)
+    return LoadPlan(None, [*merged, (new_after, last_id)])
 
 
 def stream_count(rows: int, most_streams: int, min_rows_per_stream: int) -> int:

@@ -8,22 +8,20 @@ import dagster as dg
 import psycopg
 from pydantic import Field
 
-from so_pipeline.analytical_posts import primary_key_columns
-
-POST_IDS_ARE_UNIQUE = "post_ids_are_unique"
-BACKLOG_WITHIN_LIMITS = "backlog_within_limits"
+from so_pipeline.analytical_reads import primary_key_columns
+from so_pipeline.names import BACKLOG_WITHIN_LIMITS, POST_IDS_ARE_UNIQUE
 
 
-def window_check_specs(asset: str) -> list[dg.AssetCheckSpec]:
+def window_check_specs() -> list[dg.AssetCheckSpec]:
     return [
         dg.AssetCheckSpec(
-            POST_IDS_ARE_UNIQUE,
-            asset=asset,
+            POST_IDS_ARE_UNIQUE.name,
+            asset=POST_IDS_ARE_UNIQUE.asset_key,
             description="posts.id is still the primary key, so no id can be loaded twice.",
         ),
         dg.AssetCheckSpec(
-            BACKLOG_WITHIN_LIMITS,
-            asset=asset,
+            BACKLOG_WITHIN_LIMITS.name,
+            asset=BACKLOG_WITHIN_LIMITS.asset_key,
             description="The cursor keeps up with the source: ids_behind_source of the window "
             "stays under the limits (warn, then fail).",
         ),
@@ -47,15 +45,20 @@ def check_backlog(ids_behind: int, limits: BacklogLimits) -> dg.AssetCheckResult
     ):
         if ids_behind > limit:
             return dg.AssetCheckResult(
-                check_name=BACKLOG_WITHIN_LIMITS, passed=False, severity=severity, metadata=metadata
+                check_name=BACKLOG_WITHIN_LIMITS.name,
+                passed=False,
+                severity=severity,
+                metadata=metadata,
             )
-    return dg.AssetCheckResult(check_name=BACKLOG_WITHIN_LIMITS, passed=True, metadata=metadata)
+    return dg.AssetCheckResult(
+        check_name=BACKLOG_WITHIN_LIMITS.name, passed=True, metadata=metadata
+    )
 
 
 def check_post_ids_are_unique(analytical: psycopg.Connection) -> dg.AssetCheckResult:
     key_columns = primary_key_columns(analytical)
     return dg.AssetCheckResult(
-        check_name=POST_IDS_ARE_UNIQUE,
+        check_name=POST_IDS_ARE_UNIQUE.name,
         passed=key_columns == ["id"],
         metadata={"primary_key": str(key_columns)},
     )

@@ -10,7 +10,7 @@ import dagster as dg
 import psycopg
 import pytest
 
-from so_pipeline.analytical_posts import ensure_tables
+from so_pipeline.analytical_schema import ensure_tables
 from so_pipeline.definitions import defs
 from so_pipeline.tooling.runs import execute_job
 from so_pipeline_tests.helpers import (
@@ -36,7 +36,7 @@ def _terminate_copy_backend(url: str, command: str) -> bool:
     with psycopg.connect(url, autocommit=True) as connection:
         pids = connection.execute(
             "SELECT p.pid FROM pg_stat_progress_copy p JOIN pg_stat_activity a USING (pid) "
-            "WHERE a.application_name = 'so_pipeline' AND p.command = %s "
+            "WHERE a.application_name LIKE 'so_pipeline%%' AND p.command = %s "
             "AND p.tuples_processed > 5000",
             [command],
         ).fetchall()
@@ -85,7 +85,7 @@ def _copy_rows(url: str, command: str) -> int:
         (rows,) = connection.execute(
             "SELECT coalesce(max(p.tuples_processed), 0) FROM pg_stat_progress_copy p "
             "JOIN pg_stat_activity a USING (pid) "
-            "WHERE a.application_name = 'so_pipeline' AND p.command = %s",
+            "WHERE a.application_name LIKE 'so_pipeline%%' AND p.command = %s",
             [command],
         ).fetchone()  # type: ignore[misc]
     return rows

@@ -129,6 +129,60 @@ def test_an_analytical_posts_table_without_a_primary_key_is_refused_before_writi
     assert databases.query("analytical", "SELECT count(*) FROM posts") == [(0,)]
 
 
+@pytest.mark.parametrize(
+    ("ddl", "named"),
+    [
+        pytest.param(
+            "CREATE TABLE posts (id bigint PRIMARY KEY DEFERRABLE, title text, body text, "
+            "owner_user_id bigint, creation_date timestamp)",
+            "non-deferrable",
+            id="deferrable primary key",
+        ),
+        pytest.param(
+            "CREATE TABLE posts (id bigint NOT NULL, title text, body text, "
+            "owner_user_id bigint, creation_date timestamp); "
+            "CREATE UNIQUE INDEX posts_id ON posts (id); "
+            "UPDATE pg_index SET indisvalid = false WHERE indexrelid = 'posts_id'::regclass",
+            "valid",
+            id="invalid unique index",
+        ),
+    ],
+)
+def test_an_analytical_key_that_cannot_serve_on_conflict_is_refused_at_once(
+    databases: PipelineDatabases, instance: dg.DagsterInstance, ddl: str, named: str
+) -> None:
+    """A DEFERRABLE key (ON CONFLICT cannot use it) or an INVALID unique index (left by a failed
+    CREATE INDEX CONCURRENTLY) is no proof of one row per id: refused, never retried."""
+    databases.add_source_posts([Post(id=1)])
+    _execute(databases.analytical_url, ddl)
+
+    outcome = run_job(instance)
+
+    assert not outcome.success
+    assert not _retries(outcome)
+    message = outcome.failure_message()
+    assert "existing table posts is incompatible: id is not its primary key" in message
+    assert named in message
+    assert databases.query("analytical", "SELECT count(*) FROM posts") == [(0,)]
+
+
+def test_an_analytical_database_that_cannot_hold_every_character_is_refused_at_once(
+    databases: PipelineDatabases,
+    instance: dg.DagsterInstance,
+    database_in: Callable[[str], str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    databases.add_source_posts([Post(id=1, body="<p>λ ☃</p>")])
+    monkeypatch.setenv("SO_ANALYTICAL_DATABASE_URL", database_in("LATIN1"))
+
+    outcome = run_job(instance)
+
+    assert not outcome.success
+    assert not _retries(outcome)
+    assert "analytical_db: the database's encoding is LATIN1" in outcome.failure_message()
+    assert "ENCODING 'UTF8'" in outcome.failure_message()
+
+
 @pytest.fixture
 def database_in(
     postgres_server: LocalServer, scratch_databases: ScratchDatabases

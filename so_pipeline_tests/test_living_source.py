@@ -8,9 +8,9 @@ import dagster as dg
 import psycopg
 import pytest
 
-from so_pipeline import analytical_posts as analytical
 from so_pipeline.definitions import defs
 from so_pipeline.resources import PostgresResource
+from so_pipeline.run_connections import RunConnections
 from so_pipeline.window import PostWindow
 from so_pipeline.window_loader import WindowLoader
 from so_pipeline_tests.helpers import PipelineDatabases, Post, run_job
@@ -314,8 +314,6 @@ def test_a_window_whose_posts_were_deleted_before_its_load_loads_nothing(
     databases.add_source_posts([Post(id=i) for i in range(1, 4)] + [Post(id=4, body=" ")])
     source = PostgresResource(resource_name="source_db", url=databases.source_url)
     analytical_db = PostgresResource(resource_name="analytical_db", url=databases.analytical_url)
-    with analytical_db.connect() as connection:
-        analytical.ensure_tables(connection)
     window = PostWindow(
         read_after_id=None,
         after_id=None,
@@ -327,7 +325,8 @@ def test_a_window_whose_posts_were_deleted_before_its_load_loads_nothing(
     )
     _source(databases, "DELETE FROM posts")
 
-    load = WindowLoader(source, analytical_db, require_owner=True).load(window)
+    with RunConnections(source, analytical_db, run_id="test") as run:
+        load = WindowLoader(run, require_owner=True).load(window)
 
     assert (load.rows_read, load.loaded_rows, load.rejected_rows) == (0, 0, 0)
     assert databases.loaded_ids() == []

@@ -2,8 +2,12 @@
 (the UI's button, `dagster asset materialize`), a re-execution from failure on a machine that
 never saw the first run's disk, the one-writer pool, and the "are we keeping up?" metadata."""
 
+import logging
 import shutil
 import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import dagster as dg
@@ -12,6 +16,7 @@ import pytest
 
 from so_pipeline.assets import POSTS_WRITERS_POOL
 from so_pipeline.definitions import defs
+from so_pipeline.posts_merge import PIPELINE_LOCK_ID
 from so_pipeline_tests.helpers import (
     BIN,
     REPO_ROOT,
@@ -174,10 +179,47 @@ def test_the_reconciliation_check_reports_what_it_compared_when_it_passes(
 
 
 def test_the_column_schema_describes_every_column() -> None:
-    from so_pipeline import analytical_posts
+    from so_pipeline import analytical_schema
     from so_pipeline.metadata import column_schema
 
-    columns = column_schema(analytical_posts.posts).columns
+    columns = column_schema(analytical_schema.posts).columns
 
-    assert [c.name for c in columns] == [c.name for c in analytical_posts.posts.columns]
+    assert [c.name for c in columns] == [c.name for c in analytical_schema.posts.columns]
     assert all(c.description for c in columns)
+
+
+def test_a_wait_for_the_write_lock_is_measured_and_names_the_run_that_held_it(
+    databases: PipelineDatabases, instance: dg.DagsterInstance
+) -> None:
+    """Another run holds the write lock for 2 s: the load step reports the wait it made, and
+    warns naming that run (its connections carry the run id in application_name)."""
+    databases.add_source_posts([Post(id=i) for i in range(1, 6)])
+    assert run_job(instance).success  # the tables exist
+    databases.add_source_posts([Post(id=i) for i in range(6, 9)])
+    holding = threading.Event()
+
+    def hold_the_lock() -> None:
+        with psycopg.connect(
+            databases.analytical_url, application_name="so_pipeline run 0badc0de"
+        ) as holder:
+            holder.execute("SELECT pg_advisory_xact_lock(%s)", [PIPELINE_LOCK_ID])
+            holding.set()
+            time.sleep(2)
+
+    with ThreadPoolExecutor(1) as pool:
+        released = pool.submit(hold_the_lock)
+        holding.wait(10)
+        outcome = run_job(instance)
+        released.result()
+
+    assert outcome.success
+    assert outcome.metadata()["lock_wait_seconds"] >= 1.0
+    assert outcome.metadata()["rows_loaded"] == 3
+    warnings = [
+        entry.user_message
+        for entry in instance.all_logs(outcome.result.run_id)
+        if entry.level == logging.WARNING
+    ]
+    assert any(
+        "for the write lock, held by so_pipeline run 0badc0de" in message for message in warnings
+    ), warnings

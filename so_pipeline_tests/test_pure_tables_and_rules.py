@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from so_pipeline.analytical_posts import post_fields
+from so_pipeline.analytical_schema import post_fields
 from so_pipeline.metadata import markdown_table
 from so_pipeline.post_rules import NON_WHITESPACE_REGEX, WHITESPACE_RANGES
 from so_pipeline.table_contract import contract_problems, exact_types, family_types

@@ -5,7 +5,7 @@ from typing import Any
 
 import dagster as dg
 
-JOB_NAME = "stackoverflow_posts_job"
+from so_pipeline.names import POSTS_JOB as JOB_NAME
 
 
 def materialization_metadata(result: dg.ExecuteInProcessResult, asset: str) -> dict[str, Any]:

@@ -4,9 +4,9 @@ from datetime import UTC, datetime
 
 import dagster as dg
 
-from so_pipeline import analytical_posts, source_posts
+from so_pipeline import analytical_reads, source_posts
 from so_pipeline.cursor import cursor_from_history, cursor_recorded_at
-from so_pipeline.jobs import stackoverflow_posts_job
+from so_pipeline.names import POSTS_JOB
 from so_pipeline.resources import PostgresResource
 
 # Above this many rows (PostgreSQL's estimate), tables are not counted exactly.
@@ -17,11 +17,11 @@ def _analytical_rows(analytical_db: PostgresResource) -> dict[str, str]:
     """Row counts of the analytical tables: exact, or PostgreSQL's estimate ("~") when large."""
     counts = {}
     with analytical_db.connect() as connection:
-        for table, estimate in analytical_posts.row_estimates(connection).items():
+        for table, estimate in analytical_reads.row_estimates(connection).items():
             if estimate >= LARGE_TABLE_ROWS:
                 counts[table] = f"~{estimate}"
             else:
-                counts[table] = str(analytical_posts.count_rows(connection, table))
+                counts[table] = str(analytical_reads.count_rows(connection, table))
     return counts
 
 
@@ -48,10 +48,8 @@ def status_report(
     lines.append(f"source: highest id {highest}; {backlog} posts after the cursor")
     for table, count in sorted(_analytical_rows(analytical_db).items()):
         lines.append(f"analytical {table}: {count} rows")
-    lines.append(f"last runs of {stackoverflow_posts_job.name}:")
-    records = instance.get_run_records(
-        dg.RunsFilter(job_name=stackoverflow_posts_job.name), limit=runs
-    )
+    lines.append(f"last runs of {POSTS_JOB}:")
+    records = instance.get_run_records(dg.RunsFilter(job_name=POSTS_JOB), limit=runs)
     for record in records:
         started = record.start_time or record.create_timestamp.timestamp()
         duration = f"{record.end_time - started:.1f} s" if record.end_time else "running"
