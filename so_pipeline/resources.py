@@ -31,8 +31,12 @@ class DatabaseRefusedError(dg.Failure):
 
 
 # SQLSTATE classes that retrying cannot fix: authorization (28), missing database (3D),
-# syntax or access rules (42: missing table or column, insufficient privilege).
-_PERMANENT_SQLSTATE_CLASSES = ("28", "3D", "42")
+# syntax or access rules (42: missing table or column, insufficient privilege), a value the
+# target cannot hold (22: out of range, an untranslatable character), a broken constraint (23),
+# an unsupported feature (0A).
+_PERMANENT_SQLSTATE_CLASSES = ("28", "3D", "42", "22", "23", "0A")
+# ...except a unique violation: a row written behind the write lock; the retry merges it.
+_RETRIED_SQLSTATES = ("23505",)
 # libpq reports a refused login as text only (no SQLSTATE): these are PostgreSQL's own words
 # for the same classes of error (servers with lc_messages other than English will be retried).
 _PERMANENT_LOGIN_MESSAGES = (
@@ -141,7 +145,9 @@ def is_permanent(error: BaseException) -> bool:
     certificate that fails verification or TLS settings libpq rejects)."""
     sqlstate = getattr(error, "sqlstate", None)
     if sqlstate:
-        return sqlstate.startswith(_PERMANENT_SQLSTATE_CLASSES)
+        return sqlstate.startswith(_PERMANENT_SQLSTATE_CLASSES) and sqlstate not in (
+            _RETRIED_SQLSTATES
+        )
     if tls_advice(error) is not None:
         return True
     message = str(error)

@@ -30,6 +30,12 @@ PASSWORD = "pw-MARKER-7c2e91"
         (psycopg.errors.UndefinedTable(), True),  # 42P01
         (psycopg.errors.UndefinedColumn(), True),  # 42703
         (psycopg.errors.InsufficientPrivilege(), True),  # 42501
+        (psycopg.errors.UntranslatableCharacter(), True),  # 22P05: the target's encoding
+        (psycopg.errors.DatetimeFieldOverflow(), True),  # 22008: a value out of range
+        (psycopg.errors.NumericValueOutOfRange(), True),  # 22003
+        (psycopg.errors.CheckViolation(), True),  # 23514
+        (psycopg.errors.FeatureNotSupported(), True),  # 0A000
+        (psycopg.errors.UniqueViolation(), False),  # 23505: written behind the lock, merged
         (psycopg.errors.ConnectionFailure(), False),  # 08006
         (psycopg.errors.ConnectionException(), False),  # 08000
         (psycopg.errors.SerializationFailure(), False),  # 40001
