@@ -90,8 +90,9 @@ class LockWait:
 class PostsWriter:
     """Writes posts through one analytical connection, one locked transaction at a time.
 
-    The first transaction also creates or checks the tables, so the lock's wait is measured
-    once, where the run first needs it; `lock_wait` adds up every wait until taken.
+    The first transaction also creates or checks the tables, so the lock's first wait is
+    measured where the run first needs it; `take_lock_wait` hands over the waits since the
+    last call.
     """
 
     def __init__(self, connection: psycopg.Connection) -> None:
