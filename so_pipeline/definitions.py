@@ -27,11 +27,8 @@ defs = dg.Definitions(
     sensors=[stackoverflow_posts_catch_up_sensor, failure_alerts, success_alerts],
     resources={
         WINDOW_IO_MANAGER_KEY: WindowIOManager(),
-        "source_db": PostgresResource(
-            resource_name="source_db", url=dg.EnvVar("SO_SOURCE_DATABASE_URL")
-        ),
-        "analytical_db": PostgresResource(
-            resource_name="analytical_db", url=dg.EnvVar("SO_ANALYTICAL_DATABASE_URL")
-        ),
+        # SO_SOURCE_DATABASE_URL, and SO_SOURCE_DATABASE_PASSWORD_FILE etc. when set.
+        "source_db": PostgresResource.from_env("source_db", "SO_SOURCE_DATABASE"),
+        "analytical_db": PostgresResource.from_env("analytical_db", "SO_ANALYTICAL_DATABASE"),
     },
 )

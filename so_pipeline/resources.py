@@ -1,7 +1,11 @@
 """The PostgreSQL resource: one class, used for both `source_db` and `analytical_db`."""
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
+from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import psycopg
@@ -158,15 +162,125 @@ def _named(application_name: str | None) -> dict[str, str]:
     return {"application_name": application_name} if application_name else {}
 
 
+# The sslmodes that verify the server's certificate: an IAM token is a password that works
+# for 15 minutes, and may only be sent to a server that proved it is the instance it signs for.
+_VERIFYING_SSLMODES = ("verify-full", "verify-ca")
+
+
+def read_password_file(path: str, resource_name: str) -> str:
+    """The password in `path` (its first line, without the line ending), read now.
+
+    A file that is missing, unreadable or empty fails at once (a retry reads the same file),
+    naming the file, never its contents.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else "not UTF-8"
+        raise DatabaseConfigError(
+            description=f"{resource_name}: cannot read the password file {path} ({reason}). "
+            "Check that it exists and that the service user can read it.",
+            allow_retries=False,
+        ) from None
+    password = text.splitlines()[0] if text else ""
+    if not password:
+        raise DatabaseConfigError(
+            description=f"{resource_name}: the password file {path} is empty (expected the "
+            "password on its first line).",
+            allow_retries=False,
+        )
+    return password
+
+
+@cache
+def _rds_client(region: str) -> Any:
+    """boto3's RDS client for `region` (made once: it loads botocore's service model; the
+    tokens it signs are made fresh for every connection)."""
+    import boto3  # type: ignore[import-untyped]  # the aws extra, only when iam_auth is set
+
+    return boto3.session.Session().client("rds", region_name=region)
+
+
+def iam_auth_token(url: sa.URL, region: str | None, resource_name: str) -> str:
+    """A new IAM authentication token for the URL's user, host and port (signed locally with
+    the process's AWS credentials, e.g. the EC2 instance profile; valid 15 minutes)."""
+    try:
+        import boto3  # type: ignore[import-untyped]  # no stubs (boto3-stubs: not needed)
+        from botocore.exceptions import BotoCoreError  # type: ignore[import-untyped]
+    except ImportError:
+        raise DatabaseConfigError(
+            description=f"{resource_name}: IAM authentication needs boto3: install "
+            "so_pipeline with its aws extra (pip install 'so_pipeline[aws]').",
+            allow_retries=False,
+        ) from None
+    region = region or boto3.session.Session().region_name
+    if not region:
+        raise DatabaseConfigError(
+            description=f"{resource_name}: IAM authentication needs the database's AWS region: "
+            "set aws_region (or AWS_REGION).",
+            allow_retries=False,
+        )
+    try:
+        return _rds_client(region).generate_db_auth_token(
+            DBHostname=url.host, Port=url.port or 5432, DBUsername=url.username, Region=region
+        )
+    except BotoCoreError as error:  # e.g. no credentials: the process has no AWS identity
+        raise DatabaseConfigError(
+            description=f"{resource_name}: cannot make an IAM authentication token: {error}. "
+            "Give the process AWS credentials (on EC2, an instance profile allowed "
+            "rds-db:connect for this user).",
+            allow_retries=False,
+        ) from None
+
+
 class PostgresResource(dg.ConfigurableResource):
     """A PostgreSQL database, reached with psycopg 3.
 
-    SSL settings (`sslmode`, `sslrootcert`) go in the URL's query string.
+    SSL settings (`sslmode`, `sslrootcert`) go in the URL's query string. The password comes
+    from the URL, from libpq itself (`passfile` in the URL, `~/.pgpass`), from `password_file`
+    (read at every connection, so a rotated password is used from the next one on) or, with
+    `iam_auth`, from a new IAM authentication token for every connection.
     """
 
     resource_name: str = Field(description="How messages name this database, e.g. source_db.")
     url: str = Field(description="postgresql:// or postgresql+psycopg:// URL; use EnvVar.")
     connect_timeout_seconds: int = Field(default=10, description="Give up connecting after this.")
+    password_file: str | None = Field(
+        default=None,
+        description="A file whose first line is the password, read at every connection (the "
+        "URL then has none).",
+    )
+    iam_auth: bool = Field(
+        default=False,
+        description="Log in with an RDS IAM authentication token made for each connection (the "
+        "aws extra; needs sslmode=verify-full or verify-ca in the URL, and no password).",
+    )
+    aws_region: str | None = Field(
+        default=None, description="The database's AWS region for iam_auth (default: AWS_REGION)."
+    )
+
+    @classmethod
+    def from_env(cls, resource_name: str, prefix: str, deferred: bool = True) -> "PostgresResource":
+        """The resource configured by `<prefix>_URL` and, when set, `<prefix>_PASSWORD_FILE`,
+        `<prefix>_IAM_AUTH` (true) and `<prefix>_AWS_REGION`, e.g. SO_SOURCE_DATABASE_URL.
+
+        `deferred`: as Dagster EnvVars, which Dagster reads when it builds the resource (and the
+        UI shows by name); otherwise the values now, for use outside Dagster.
+        """
+
+        def value(name: str) -> Any:
+            variable = f"{prefix}_{name.upper()}"
+            return dg.EnvVar(variable) if deferred else os.environ.get(variable, "")
+
+        settings: dict[str, Any] = {
+            name: value(name)
+            for name in ("password_file", "aws_region")
+            if os.environ.get(f"{prefix}_{name.upper()}")
+        }
+        iam = os.environ.get(f"{prefix}_IAM_AUTH", "").strip().lower()
+        if iam:
+            settings["iam_auth"] = iam in ("1", "true", "yes", "on")
+        return cls(resource_name=resource_name, url=value("url"), **settings)
 
     @property
     def location(self) -> str:
@@ -181,29 +295,71 @@ class PostgresResource(dg.ConfigurableResource):
         `dg.Failure`s naming this resource and its host, never the password.
         """
         url = parse_url(self.url, self.resource_name)
+        password = self._password(url)
+        secret = password or url.password
         try:
             connection = psycopg.connect(
                 make_conninfo(
                     libpq_conninfo(url),
                     **{**SESSION_SETTINGS, **_named(application_name)},
+                    **({} if password is None else {"password": password}),
                 ),
                 autocommit=True,
                 connect_timeout=self.connect_timeout_seconds,
+                # No server-side prepared statements: one lives on a single backend, which a
+                # pooler in transaction mode hands to other clients (psycopg would prepare a
+                # query run 5 times). The pipeline repeats few statements: nothing to measure.
+                prepare_threshold=None,
             )
         except psycopg.Error as error:
-            raise self._failure(error, url) from None
+            raise self._failure(error, url, secret) from None
         try:
             yield connection
         except psycopg.Error as error:
             if connection.broken or is_permanent(error):
-                raise self._failure(error, url) from None
+                raise self._failure(error, url, secret) from None
             raise  # e.g. a serialization failure: Dagster's retry policy runs the step again
         finally:
             connection.close()
 
-    def _failure(self, error: BaseException, url: sa.URL) -> dg.Failure:
-        """A one-line error naming this resource and its host, with any password scrubbed."""
-        reason = scrub(str(error), url.password)
+    def _password(self, url: sa.URL) -> str | None:
+        """The password to log in with now (None: the URL's, or libpq's passfile)."""
+        name = self.resource_name
+        if self.iam_auth and self.password_file:
+            raise DatabaseConfigError(
+                description=f"{name}: set password_file or iam_auth, not both.",
+                allow_retries=False,
+            )
+        if (self.iam_auth or self.password_file) and url.password:
+            raise DatabaseConfigError(
+                description=f"{name}: the URL has a password and "
+                f"{'iam_auth' if self.iam_auth else 'password_file'} is set: remove the "
+                "password from the URL.",
+                allow_retries=False,
+            )
+        if self.password_file:
+            return read_password_file(self.password_file, name)
+        if not self.iam_auth:
+            return None
+        sslmode = url.query.get("sslmode") or os.environ.get("PGSSLMODE") or "prefer"
+        if sslmode not in _VERIFYING_SSLMODES:
+            raise DatabaseConfigError(
+                description=f"{name}: IAM authentication needs a verified TLS connection: add "
+                "sslmode=verify-full&sslrootcert=/etc/ssl/rds/global-bundle.pem to the URL "
+                f"(it has sslmode={sslmode}).",
+                allow_retries=False,
+            )
+        if not url.host or not url.username:
+            raise DatabaseConfigError(
+                description=f"{name}: IAM authentication needs the user and the instance's "
+                "endpoint (host) in the URL.",
+                allow_retries=False,
+            )
+        return iam_auth_token(url, self.aws_region, name)
+
+    def _failure(self, error: BaseException, url: sa.URL, secret: str | None) -> dg.Failure:
+        """A one-line error naming this resource and its host, with the password scrubbed."""
+        reason = scrub(str(error), secret)
         location = describe_location(url)
         advice = tls_advice(error)
         if advice is not None:

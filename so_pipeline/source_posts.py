@@ -11,7 +11,6 @@ from datetime import datetime
 import psycopg
 import sqlalchemy as sa
 from psycopg import sql
-from sqlalchemy.dialects import postgresql as pg
 
 from so_pipeline.analytical_schema import copied_columns, post_fields, posts, posts_rejected
 from so_pipeline.core_sql import execute, scalar, server_encoding
@@ -107,12 +106,12 @@ def max_id(connection: psycopg.Connection) -> int | None:
 
 def newest_post_time(connection: psycopg.Connection) -> datetime | None:
     """creation_date (UTC) of the post with the highest id: read backwards on the primary key."""
-    query = (
-        sa.select(sa.cast(source_posts.c.creation_date, pg.TIMESTAMP(timezone=False)))
-        .order_by(_id.desc())
-        .limit(1)
+    query = sql.SQL("SELECT {} FROM {} ORDER BY id DESC LIMIT 1").format(
+        _as_analytical("creation_date", "timestamp without time zone"),
+        sql.Identifier(SOURCE_TABLE),
     )
-    return scalar(connection, query)
+    row = connection.execute(query).fetchone()
+    return None if row is None else row[0]
 
 
 def rows_after(connection: psycopg.Connection, cursor: int | None) -> int:
@@ -147,9 +146,26 @@ def split_id_range(
     return cuts
 
 
+def _as_analytical(name: str, analytical_type: str) -> sql.Composed:
+    """The source column cast to its analytical type, whatever the session's settings.
+
+    A source timestamp may be `timestamp` (taken as UTC, as Stack Exchange's are) or
+    `timestamp with time zone`, converted with AT TIME ZONE 'UTC': a plain cast would use the
+    session's TimeZone, which a pooler may not let the pipeline set. The statement does not
+    know which type the source has, so it asks each value (no measurable cost on 1M rows).
+    """
+    column = sql.Identifier(name)
+    if analytical_type != "timestamp without time zone":
+        return sql.SQL("{}::{}").format(column, sql.SQL(analytical_type))
+    return sql.SQL(
+        "CASE WHEN pg_typeof({0}) = 'timestamp with time zone'::regtype "
+        "THEN {0}::timestamptz AT TIME ZONE 'UTC' ELSE {0}::timestamp END"
+    ).format(column)
+
+
 _FIELDS = sql.SQL(", ").join(
-    sql.SQL("{}::{} AS {}").format(
-        sql.Identifier(column.name), sql.SQL(type_name(column)), sql.Identifier(column.name)
+    sql.SQL("{} AS {}").format(
+        _as_analytical(column.name, type_name(column)), sql.Identifier(column.name)
     )
     for column in post_fields()
 )

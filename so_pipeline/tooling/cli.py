@@ -225,9 +225,9 @@ def _print_status() -> int:
     from so_pipeline.resources import PostgresResource
     from so_pipeline.tooling.status import status_report
 
-    source = PostgresResource(resource_name="source_db", url=os.environ["SO_SOURCE_DATABASE_URL"])
-    analytical = PostgresResource(
-        resource_name="analytical_db", url=os.environ.get("SO_ANALYTICAL_DATABASE_URL", "")
+    source = PostgresResource.from_env("source_db", "SO_SOURCE_DATABASE", deferred=False)
+    analytical = PostgresResource.from_env(
+        "analytical_db", "SO_ANALYTICAL_DATABASE", deferred=False
     )
     with dg.DagsterInstance.get() as instance:
         print(status_report(instance, source, analytical))
