@@ -26,6 +26,7 @@ from so_pipeline.metadata import column_schema, markdown_table
 from so_pipeline.posts_state import read_posts_state
 from so_pipeline.resources import DatabaseUnavailableError, PostgresResource, is_permanent
 from so_pipeline.run_connections import RunConnections
+from so_pipeline.source_replica import read_through_conflicts, replica_status
 from so_pipeline.window import DEFAULT_BATCH_SIZE, REPLAY_ORIGIN, PostWindow
 from so_pipeline.window_checks import (
     BacklogLimits,
@@ -287,7 +288,7 @@ def _load_windows(
     change_cursor = previous_cursor(
         run, ChangeCursor.from_metadata(latest_metadata(context.instance))
     )
-    loader = WindowLoader(run, config.require_owner, config.copy_streams)
+    loader = WindowLoader(run, config.require_owner, config.copy_streams, context.log)
     started = time.monotonic()
     load, seconds = _load(context, loader, window)
     # A catch-up run goes on window after window; each committed one is recorded as a
@@ -310,7 +311,12 @@ def _load_windows(
         window = plan_window(context, next_window, run)
         load, seconds = _load(context, loader, window)
     settings = config.change_settings()
-    changes = capture_changes(run, settings, change_cursor, window.cursor_after)
+    changes, _ = read_through_conflicts(
+        run,
+        context.log,
+        "the changes",
+        lambda: capture_changes(run, settings, change_cursor, window.cursor_after),
+    )
     if changes.index_missing and settings.column:
         context.log.warning("Change capture: %s", missing_index_advice(settings.column))
     if changes.applied is not None:
@@ -378,7 +384,7 @@ def _window_metadata(
     return {
         "dagster/table_name": posts.name,
         "dagster/column_schema": column_schema(posts),
-        **read_posts_state(run.analytical).metadata(window),
+        **read_posts_state(run.analytical).metadata(window, replica_status(run.source)),
         **window.cursor_metadata(),
         **load.metadata(seconds),
     }

@@ -50,6 +50,11 @@ class RunConnections:
     def analytical(self) -> psycopg.Connection:
         return self.writer.connection
 
+    def reopen_source(self) -> None:
+        """A new source connection in place of one the server ended (a read replica ends a
+        session idle in a transaction that holds back its replay); both close with the run."""
+        self.source = self._stack.enter_context(self._source_db.connect(self.application_name))
+
     def rules(self, require_owner: bool) -> dict[str, object]:
         """The rules' query parameters for the source's encoding."""
         return rule_params(require_owner, server_encoding(self.source))

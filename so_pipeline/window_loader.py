@@ -12,13 +12,15 @@ Commit order: the parallel streams commit one after the other once every one has
 each with its rows counted; then the main transaction, which holds the write lock, counts and
 merges the rest and commits last. A crash before the last commit leaves the cursor where it
 was, and the window's re-read finds the committed rows present (see README, "Guarantees").
+A read that a read replica cancels is read again whole (see source_replica).
 """
 
+import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, as_completed, wait
-from contextlib import ExitStack
-from dataclasses import dataclass, field
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field, replace
 from tempfile import SpooledTemporaryFile
 from types import TracebackType
 from typing import IO, Any
@@ -40,6 +42,7 @@ from so_pipeline.source_posts import (
     range_params,
     split_id_range,
 )
+from so_pipeline.source_replica import read_through_conflicts
 from so_pipeline.window import (
     CURSOR_METADATA_KEY,
     IdRange,
@@ -55,6 +58,9 @@ MIN_ROWS_PER_STREAM = 50_000
 
 # Below every id: what posts holds at most when it is empty.
 _MIN_BIGINT = -(2**63)
+
+# Where a loader logs when no step's log is given (tests, tools).
+_LOG = logging.getLogger(__name__)
 
 # A stream's rejected rows stay in memory up to this size, then go to a temporary file.
 REJECTED_IN_MEMORY_BYTES = 4 * PIPE_CHUNK_BYTES
@@ -73,6 +79,7 @@ class WindowLoad:
     wrote_directly: bool = False
     lock_wait: LockWait = LockWait()
     copy_streams: int = 0
+    reads_cancelled: int = 0  # by a read replica (recovery conflicts), each read again
 
     @property
     def already_present_rows(self) -> int:
@@ -115,6 +122,7 @@ class WindowLoad:
                     },
                     "duration_seconds": round(seconds, 3),
                     "lock_wait_seconds": round(self.lock_wait.seconds, 3),
+                    "source_reads_cancelled": self.reads_cancelled,
                     "rows_per_second": round(self.rows_read / seconds) if self.rows_read else None,
                 }
             ),
@@ -124,20 +132,35 @@ class WindowLoad:
 class WindowLoader:
     """Loads windows over a run's connections under the rules' parameters."""
 
-    def __init__(self, run: RunConnections, require_owner: bool, copy_streams: int = 1) -> None:
+    def __init__(
+        self,
+        run: RunConnections,
+        require_owner: bool,
+        copy_streams: int = 1,
+        log: logging.Logger = _LOG,
+    ) -> None:
         self.run = run
         self.rules = run.rules(require_owner)
         self.copy_streams = copy_streams
+        self.log = log
 
     def load(self, window: PostWindow) -> WindowLoad:
         """Copy the window's kept posts into `posts` and its rejected ones into `posts_rejected`.
 
         Loading is idempotent, so a window that is re-read after a crash, a replay, a look-back
-        or an overlapping run adds nothing twice.
+        or an overlapping run adds nothing twice. A read that the source (a read replica)
+        cancels is read again, up to source_replica.MAX_READS times in all.
         """
+        what = f"window {window.describe()}"
+        load, cancelled = read_through_conflicts(
+            self.run, self.log, what, lambda: self._load(window)
+        )
+        return replace(load, reads_cancelled=cancelled)
+
+    def _load(self, window: PostWindow) -> WindowLoad:
+        """One read of the window; a source read that fails leaves nothing of it committed."""
         source = self.run.source
-        with self.run.writer.transaction() as merge, source.transaction():
-            start_snapshot_read(source)
+        with self.run.writer.transaction() as merge, _snapshot_read(source, self.log):
             posts_max_id = highest_loaded_id(merge.connection)
             plan = plan_load(window, posts_max_id)
             ranges = [] if plan.direct is None else self._cut(plan.direct, window.new_rows)
@@ -180,6 +203,33 @@ class WindowLoader:
         if streams == 1:
             return [id_range]
         return cut_ranges(id_range, split_id_range(self.run.source, id_range, streams, new_rows))
+
+
+@contextmanager
+def _snapshot_read(source: psycopg.Connection, log: logging.Logger) -> Iterator[None]:
+    """The source's window transaction (see start_snapshot_read), whose end cannot fail the
+    window once every read in it has succeeded.
+
+    A read replica ends a session idle in a transaction that holds back its replay: the main
+    source connection sits idle while the parallel streams copy, and may be ended after every
+    row has been read and the streams have committed. The rows it read came whole from one
+    snapshot, and a read-only transaction has nothing to commit: failing the window then would
+    leave the streams' rows committed without the rest of the window.
+    """
+    read = False
+    try:
+        with source.transaction():
+            start_snapshot_read(source)
+            yield
+            read = True
+    except psycopg.Error as error:
+        if not read:
+            raise
+        log.warning(
+            "The source ended the window's read transaction after every read in it was done "
+            "(on a read replica: a recovery conflict); nothing was lost: %s",
+            " ".join(str(error).split()),
+        )
 
 
 class _DirectCopy:
