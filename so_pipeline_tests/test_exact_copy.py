@@ -8,6 +8,7 @@ in both, and ids gone from the source not live.
 """
 
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any
 
 import dagster as dg
@@ -302,3 +303,37 @@ def test_a_backfill_recopies_a_range_through_the_rules_without_moving_the_cursor
     assert values(evaluation)["rows_updated_by_repair"] == 4
     assert after.metadata()["cursor_before"] == "20"
     assert_copy_equals_source(databases)
+
+
+def test_a_source_in_another_time_zone_is_copied_in_utc_and_compares_equal(
+    databases: PipelineDatabases, instance: dg.DagsterInstance
+) -> None:
+    """timestamptz columns at a source whose sessions default to New York time: the copy holds
+    UTC, change capture reads the change column in UTC, and the contents compare equal."""
+    with psycopg.connect(databases.source_url, autocommit=True) as connection:
+        name = connection.info.dbname
+        connection.execute(f"ALTER DATABASE {name} SET TimeZone = 'America/New_York'")
+        connection.execute(
+            "CREATE TABLE posts (id bigint PRIMARY KEY, title text, body text, "
+            "owner_user_id bigint, creation_date timestamptz, last_activity_date timestamptz)"
+        )
+        connection.execute(
+            "INSERT INTO posts SELECT g, 't', '<p>b</p>', 1, "
+            "timestamptz '2024-03-10 06:30:00+00' + g * interval '1 hour', "
+            "now() - interval '1 hour' FROM generate_series(1, 5) g"
+        )
+    assert run_job(instance).success
+    _source(
+        databases,
+        "UPDATE posts SET body = '<p>edited</p>', last_activity_date = now() WHERE id = 2",
+    )
+
+    edited = run_job(instance, lookback_ids=0)
+    evaluation = reconcile(instance)
+
+    assert edited.metadata()["changes_updated"] == 1
+    assert databases.query("analytical", "SELECT creation_date FROM posts WHERE id = 1")[0][0] == (
+        datetime(2024, 3, 10, 7, 30)
+    )
+    assert evaluation.passed, evaluation.description
+    assert values(evaluation)["buckets_differing"] == 0
