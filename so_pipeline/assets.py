@@ -21,8 +21,15 @@ from so_pipeline.change_capture import (
     missing_index_advice,
     previous_cursor,
 )
-from so_pipeline.cursor import current_cursor, latest_metadata
+from so_pipeline.cursor import (
+    current_cursor,
+    cursor_from_history,
+    cursor_recorded_at,
+    latest_metadata,
+)
+from so_pipeline.dashboard import Progress, arranged, status_line
 from so_pipeline.metadata import column_schema, markdown_table
+from so_pipeline.names import SOURCE_POSTS_BATCH
 from so_pipeline.posts_state import read_posts_state
 from so_pipeline.resources import DatabaseUnavailableError, PostgresResource, is_permanent
 from so_pipeline.run_connections import RunConnections
@@ -31,6 +38,7 @@ from so_pipeline.window import DEFAULT_BATCH_SIZE, REPLAY_ORIGIN, PostWindow
 from so_pipeline.window_checks import (
     BacklogLimits,
     check_backlog,
+    check_daily_results,
     check_post_ids_are_unique,
     window_check_specs,
 )
@@ -187,9 +195,8 @@ def plan_window(
         source_newest_at=source_newest_at.isoformat() if source_newest_at else None,
     )
     context.log.info(
-        "Window %s: %d new posts after id %s (cursor from %s); source max id %s",
+        "Planned %s (cursor %s, from %s); source max id %s",
         window.describe(),
-        new_rows,
         after_id,
         cursor_origin,
         highest_source_id,
@@ -284,6 +291,8 @@ def _load_windows(
         # window was planned in this run, and a stored one would be stale.
         context.log.info("No window from source_posts_batch in this run: planning one now.")
         window = plan_window(context, SourceBatchConfig(), run)
+        # So that source_posts_batch's page shows the backlog found now, not the last job's.
+        context.log_event(dg.AssetMaterialization(SOURCE_POSTS_BATCH, metadata=window.metadata()))
     run.writer.ensure_tables()
     change_cursor = previous_cursor(
         run, ChangeCursor.from_metadata(latest_metadata(context.instance))
@@ -301,10 +310,13 @@ def _load_windows(
         context.log_event(
             dg.AssetMaterialization(
                 asset_key=context.asset_key,
-                metadata={
-                    **_window_metadata(window, load, seconds, run),
-                    **(change_cursor.metadata() if change_cursor else {}),
-                },
+                metadata=arranged(
+                    {
+                        **_window_metadata(window, load, seconds, run),
+                        **(change_cursor.metadata() if change_cursor else {}),
+                    },
+                    _status(context, window),
+                ),
             )
         )
         next_window = SourceBatchConfig(batch_size=config.catch_up_batch_size, lookback_ids=0)
@@ -320,17 +332,23 @@ def _load_windows(
     if changes.index_missing and settings.column:
         context.log.warning("Change capture: %s", missing_index_advice(settings.column))
     if changes.applied is not None:
+        read_from = change_cursor.read_from(settings.lookback)[0] if change_cursor else None
         context.log.info(
-            "Changes: %d read after %s; %d updated, %d inserted, %d now rejected",
+            "Changes: %d changed rows read from %s on (%d pages); %d updated, %d inserted, %d "
+            "now rejected, %d restored; change cursor now %s",
             changes.read,
-            changes.cursor.at if changes.cursor else None,
+            read_from,
+            changes.pages,
             changes.applied.updated_rows,
             changes.applied.inserted_rows,
             changes.applied.newly_rejected_rows,
+            changes.applied.restored_rows,
+            changes.cursor.at if changes.cursor else None,
         )
     checks = [
         check_post_ids_are_unique(run.analytical),
         check_backlog(window.ids_behind_source, config),
+        *check_daily_results(context.instance),
     ]
     preview = {}
     if load.loaded_rows and window.last_id is not None:
@@ -338,11 +356,26 @@ def _load_windows(
         preview["preview"] = markdown_table(copied_columns(posts), rows)
     return dg.MaterializeResult(
         check_results=checks,
-        metadata={
-            **_window_metadata(window, load, seconds, run),
-            **preview,
-            **changes.metadata(),
-        },
+        metadata=arranged(
+            {**_window_metadata(window, load, seconds, run), **preview, **changes.metadata()},
+            _status(context, window),
+        ),
+    )
+
+
+def _status(context: dg.AssetExecutionContext, window: PostWindow) -> str:
+    """The pipeline's state after `window`, in one line (the pace: since the latest record)."""
+    return status_line(
+        Progress(
+            ids_behind=window.ids_behind_source,
+            new_ids=window.new_rows,
+            cursor=window.cursor_after,
+            replay=window.cursor_origin == REPLAY_ORIGIN,
+            source_newest_at=window.source_newest_at,
+            previous_cursor=cursor_from_history(context.instance),
+            previous_at=cursor_recorded_at(context.instance),
+            now=time.time(),
+        )
     )
 
 

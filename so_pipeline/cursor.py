@@ -6,6 +6,7 @@ import dagster as dg
 import psycopg
 
 from so_pipeline.analytical_reads import highest_processed_id, recorded_state
+from so_pipeline.metadata import flattened
 from so_pipeline.names import FILTERED_POSTS
 from so_pipeline.window import CURSOR_METADATA_KEY
 
@@ -13,12 +14,12 @@ from so_pipeline.window import CURSOR_METADATA_KEY
 def latest_metadata(
     instance: dg.DagsterInstance, asset_key: dg.AssetKey = FILTERED_POSTS
 ) -> dict[str, Any]:
-    """Metadata values of the asset's latest materialization ({} when none)."""
+    """Metadata values of the asset's latest materialization, groups flattened ({} when none)."""
     event = instance.get_latest_materialization_event(asset_key)
     materialization = event.asset_materialization if event else None
     if materialization is None:
         return {}
-    return {key: value.value for key, value in materialization.metadata.items()}
+    return flattened({key: value.value for key, value in materialization.metadata.items()})
 
 
 def cursor_from_history(instance: dg.DagsterInstance) -> int | None:

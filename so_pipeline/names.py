@@ -16,6 +16,15 @@ BACKLOG_WITHIN_LIMITS = dg.AssetCheckKey(FILTERED_POSTS, "backlog_within_limits"
 # Checks that read whole tables, run daily.
 RECONCILED_WITH_SOURCE = dg.AssetCheckKey(FILTERED_POSTS, "reconciled_with_source")
 LOADED_BODIES_ARE_NOT_BLANK = dg.AssetCheckKey(FILTERED_POSTS, "loaded_bodies_are_not_blank")
+# Their latest results, re-reported with every window: the UI shows a check's state only for
+# the asset's latest materialization, which the next 15-minute run replaces.
+RECONCILED_LAST_RESULT = dg.AssetCheckKey(FILTERED_POSTS, "reconciled_with_source_last_result")
+BODIES_LAST_RESULT = dg.AssetCheckKey(FILTERED_POSTS, "loaded_bodies_are_not_blank_last_result")
+# Each re-reporting check and the daily check whose result it repeats.
+LAST_RESULT_OF = {
+    RECONCILED_LAST_RESULT: RECONCILED_WITH_SOURCE,
+    BODIES_LAST_RESULT: LOADED_BODIES_ARE_NOT_BLANK,
+}
 
 POSTS_JOB = "stackoverflow_posts_job"
 RECONCILIATION_JOB = "stackoverflow_posts_reconciliation_job"

@@ -84,8 +84,16 @@ class PostWindow:
         )
 
     def describe(self) -> str:
-        start = "start" if self.read_after_id is None else str(self.read_after_id)
-        return f"ids ({start}, {self.last_id}]"
+        """The new ids, and apart from them the look-back's re-read ones."""
+        after = "start" if self.after_id is None else str(self.after_id)
+        if self.new_rows:
+            text = f"new ids ({after}, {self.last_id}] ({self.new_rows:,})"
+        else:
+            text = f"no new id after {after}"
+        if self.after_id is not None and self.read_after_id != self.after_id:
+            start = "start" if self.read_after_id is None else str(self.read_after_id)
+            text += f", look-back ids ({start}, {self.after_id}] re-read"
+        return text
 
     def replay_note(self) -> str | None:
         if not self.starts_beyond_source:

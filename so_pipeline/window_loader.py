@@ -95,11 +95,15 @@ class WindowLoad:
         return self.kept_rows + self.rejected_rows
 
     def describe(self) -> str:
+        """What the load did, in figures that add up to the rows read."""
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.newly_rejected_by_reason.items()))
+        already_rejected = self.rejected_rows - self.newly_rejected_rows
+        unchanged = self.already_present_rows + already_rejected
         return (
-            f"{self.rows_read} posts read, {self.loaded_rows} loaded, "
-            f"{self.already_present_rows} already present, {self.newly_rejected_rows} newly "
-            f"rejected{f' ({reasons})' if reasons else ''}"
+            f"{self.rows_read} posts read = {self.loaded_rows} loaded + {self.updated_rows} "
+            f"updated + {self.newly_rejected_rows} rejected{f' ({reasons})' if reasons else ''}"
+            f" + {unchanged} re-read unchanged ({self.already_present_rows} already loaded, "
+            f"{already_rejected} already rejected: the look-back, a replay or a retry)"
         )
 
     def metadata(self, seconds: float) -> dict[str, Any]:
@@ -298,9 +302,15 @@ class _DirectCopy:
             self.main_pair_rows = self.rows
         elif self._ranges:
             snapshot = scalar(self._run.source, sa.select(sa.func.pg_export_snapshot()))
-            self._pairs = [
-                self._run.open_stream_pair(self._connections, snapshot) for _ in self._ranges
-            ]
+            try:
+                self._pairs = [
+                    self._run.open_stream_pair(self._connections, snapshot) for _ in self._ranges
+                ]
+            except psycopg.errors.InvalidParameterValue:
+                # The snapshot went with the transaction that exported it: raise what ended
+                # that (a read replica ends a session idle in a transaction on a conflict).
+                self._run.source.execute("SELECT 1")
+                raise
             pool = self._connections.enter_context(
                 ThreadPoolExecutor(len(self._pairs), "so_pipeline-copy")
             )

@@ -11,6 +11,7 @@ import psycopg
 import pytest
 
 from so_pipeline.analytical_schema import ensure_tables
+from so_pipeline.dashboard import ROWS_LOADED
 from so_pipeline.definitions import defs
 from so_pipeline.tooling.runs import execute_job
 from so_pipeline_tests.helpers import (
@@ -232,7 +233,7 @@ def test_two_runs_at_once_load_each_row_once(
             materialization = record.asset_materialization
             assert materialization is not None
             assert materialization.metadata["last_processed_id"].value == 60_000
-            rows_loaded = materialization.metadata["rows_loaded"].value
+            rows_loaded = materialization.metadata[ROWS_LOADED].value  # the dashboard's figure
             assert isinstance(rows_loaded, int)
             loaded.append(rows_loaded)
     # Whether the second run waited for the first one's lock or started after it, it found

@@ -15,6 +15,7 @@ import psycopg
 import pytest
 
 from so_pipeline.assets import POSTS_WRITERS_POOL
+from so_pipeline.cursor import latest_metadata
 from so_pipeline.definitions import defs
 from so_pipeline.posts_merge import PIPELINE_LOCK_ID
 from so_pipeline_tests.helpers import (
@@ -41,9 +42,10 @@ def _materialize_filtered_posts_alone() -> subprocess.CompletedProcess[str]:
 
 
 def _latest(instance: dg.DagsterInstance, asset: str) -> dict[str, object]:
-    event = instance.get_latest_materialization_event(dg.AssetKey(asset))
-    assert event is not None and event.asset_materialization is not None
-    return {k: v.value for k, v in event.asset_materialization.metadata.items()}
+    """The asset's latest metadata, its groups (issue 24) flattened."""
+    metadata = latest_metadata(instance, dg.AssetKey(asset))
+    assert metadata
+    return metadata
 
 
 def test_filtered_posts_materialized_alone_loads_what_is_new_once(
@@ -62,9 +64,13 @@ def test_filtered_posts_materialized_alone_loads_what_is_new_once(
     with dg.DagsterInstance.get() as instance:
         metadata = _latest(instance, "filtered_posts")
         runs = instance.get_runs(limit=3)
+        batch = _latest(instance, "source_posts_batch")
     assert metadata["last_processed_id"] == 8
     assert metadata["rows_loaded"] == 0  # the second found nothing new
     assert [run.job_name for run in runs][:2] == ["__ASSET_JOB", "__ASSET_JOB"]
+    # source_posts_batch's page shows what the latest run found (nothing new), not the window
+    # of the job's run (5 posts).
+    assert batch["rows_in_window"] == 0 and batch["ids_behind_source"] == 0
 
 
 def test_a_re_execution_from_failure_needs_no_disk_of_the_first_run(

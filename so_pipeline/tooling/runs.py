@@ -5,14 +5,15 @@ from typing import Any
 
 import dagster as dg
 
+from so_pipeline.metadata import flattened
 from so_pipeline.names import POSTS_JOB as JOB_NAME
 
 
 def materialization_metadata(result: dg.ExecuteInProcessResult, asset: str) -> dict[str, Any]:
     """The metadata values of `asset`'s last materialization in the run (a catch-up run records
-    one per window)."""
+    one per window), groups flattened (`rows_loaded`, `ids_behind_source`, ...)."""
     materialization = result.asset_materializations_for_node(asset)[-1]
-    return {key: value.value for key, value in materialization.metadata.items()}
+    return flattened({key: value.value for key, value in materialization.metadata.items()})
 
 
 def execute_job(
