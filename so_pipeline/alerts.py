@@ -1,7 +1,9 @@
 """Alerts sent by the Dagster daemon: a failed run, a failed check, a stalled pipeline, recovery.
 
-Two run-status sensors watch every finished run of the pipeline's jobs: one the failures, one
-the successes. Each tells the channels of alert_channels.py about the run and about the checks
+Two run-status sensors watch every finished run of the pipeline's jobs, each named for what it
+sends: `so_pipeline_failure_alerts` a failed run (FAILED, and the checks that failed in it),
+`so_pipeline_check_and_recovery_alerts` what a successful run shows (CHECK FAILED, FALLING
+BEHIND, RECOVERED). Each tells the channels of alert_channels.py about the run and about the checks
 evaluated in it, once per incident: the first failure opens it, later failures are quiet, the
 first success after it closes it with "recovered".
 
@@ -28,6 +30,7 @@ from so_pipeline.alert_channels import (
 )
 from so_pipeline.names import (
     BACKLOG_WITHIN_LIMITS,
+    LAST_RESULT_OF,
     POSTS_JOB,
     RECONCILIATION_JOB,
     SENSOR_INTERVAL_SECONDS,
@@ -261,6 +264,8 @@ def run_alerts(
         if entry.dagster_event is None:
             continue
         evaluation = entry.dagster_event.asset_check_evaluation_data
+        if evaluation.asset_check_key in LAST_RESULT_OF:
+            continue  # a repeat of a daily check's result, alerted on when that check ran
         was_error = _previous_check_was_error(instance, evaluation.asset_check_key, run.run_id)
         check_change = transition(was_error, _is_error(evaluation))
         if check_change is not None:
@@ -310,7 +315,7 @@ def failure_alerts(context: dg.RunFailureSensorContext) -> dg.SkipReason | None:
 
 
 @dg.run_status_sensor(
-    name="so_pipeline_success_alerts",
+    name="so_pipeline_check_and_recovery_alerts",
     run_status=dg.DagsterRunStatus.SUCCESS,
     monitor_all_code_locations=True,
     minimum_interval_seconds=SENSOR_INTERVAL_SECONDS,
@@ -319,5 +324,5 @@ def failure_alerts(context: dg.RunFailureSensorContext) -> dg.SkipReason | None:
         what="a job or check that recovered, a failed check or a pipeline falling behind"
     ),
 )
-def success_alerts(context: dg.RunStatusSensorContext) -> dg.SkipReason | None:
+def check_and_recovery_alerts(context: dg.RunStatusSensorContext) -> dg.SkipReason | None:
     return _evaluate(context, failed=False)

@@ -6,7 +6,7 @@ and `dagster ... -m so_pipeline` (which the package forwards here) all load `def
 
 import dagster as dg
 
-from so_pipeline.alerts import failure_alerts, success_alerts
+from so_pipeline.alerts import check_and_recovery_alerts, failure_alerts
 from so_pipeline.assets import filtered_posts, source_posts_batch
 from so_pipeline.checks import loaded_bodies_are_not_blank, reconciled_with_source
 from so_pipeline.jobs import (
@@ -24,7 +24,7 @@ defs = dg.Definitions(
     asset_checks=[reconciled_with_source, loaded_bodies_are_not_blank],
     jobs=[stackoverflow_posts_job, reconciliation_job],
     schedules=[stackoverflow_posts_schedule, reconciliation_schedule],
-    sensors=[stackoverflow_posts_catch_up_sensor, failure_alerts, success_alerts],
+    sensors=[stackoverflow_posts_catch_up_sensor, failure_alerts, check_and_recovery_alerts],
     resources={
         WINDOW_IO_MANAGER_KEY: WindowIOManager(),
         # SO_SOURCE_DATABASE_URL, and SO_SOURCE_DATABASE_PASSWORD_FILE etc. when set.

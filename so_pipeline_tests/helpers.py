@@ -328,7 +328,7 @@ def graphql(url: str, query: str, variables: dict[str, Any] | None = None) -> di
 SENSORS = {
     "stackoverflow_posts_catch_up_sensor",
     "so_pipeline_failure_alerts",
-    "so_pipeline_success_alerts",
+    "so_pipeline_check_and_recovery_alerts",
 }
 _ANSI_COLOR = re.compile(r"\x1b\[[0-9;]*m")
 

@@ -398,7 +398,7 @@ def test_alert_test_reports_each_channel_and_exits_by_outcome(
 # --- the real daemon ----------------------------------------------------------------------------
 
 FAILURE_SENSOR = "so_pipeline_failure_alerts"
-SUCCESS_SENSOR = "so_pipeline_success_alerts"
+SUCCESS_SENSOR = "so_pipeline_check_and_recovery_alerts"
 
 
 def _sensor_cursor(instance: dg.DagsterInstance, sensor: str) -> int | None:
