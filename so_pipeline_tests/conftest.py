@@ -13,16 +13,28 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
+import psycopg
 import pytest
+from psycopg import sql
 
 from so_pipeline.tooling.embedded import LocalServer
 from so_pipeline_tests.helpers import (
     REPO_ROOT,
+    DagsterStorageTemplate,
     ExternalServer,
     PipelineDatabases,
     ScratchDatabases,
     prepare_dagster_home,
 )
+
+# The embedded server lives for one session and is deleted after it: durability buys nothing,
+# and without it CREATE DATABASE (two or three per test) takes 0.08 s instead of 0.4 s.
+# (An external server, SO_TEST_DATABASE_URL, is used as it is configured.)
+TEST_SERVER_SETTINGS = {
+    "fsync": sql.Literal("off"),
+    "synchronous_commit": sql.Literal("off"),
+    "full_page_writes": sql.Literal("off"),
+}
 
 
 @pytest.fixture(scope="session")
@@ -37,15 +49,28 @@ def postgres_server() -> Iterator[LocalServer]:
     # and would delete this server's data directory under it while it runs.
     data_dir = Path(tempfile.mkdtemp(prefix="so_pipeline_test_pg_")) / "data"
     embedded = EmbeddedPostgres(data_dir, delete_on_exit=True)
+    with psycopg.connect(embedded.url("postgres"), autocommit=True) as connection:
+        for name, value in TEST_SERVER_SETTINGS.items():
+            connection.execute(sql.SQL("ALTER SYSTEM SET {} = {}").format(sql.SQL(name), value))
+        connection.execute("SELECT pg_reload_conf()")
     yield embedded
     embedded.stop()
     shutil.rmtree(data_dir.parent, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def dagster_storage_template(postgres_server: LocalServer) -> Iterator[DagsterStorageTemplate]:
+    template = DagsterStorageTemplate(postgres_server)
+    yield template
+    template.drop()
+
+
 @pytest.fixture
-def scratch_databases(postgres_server: LocalServer) -> Iterator[ScratchDatabases]:
+def scratch_databases(
+    postgres_server: LocalServer, dagster_storage_template: DagsterStorageTemplate
+) -> Iterator[ScratchDatabases]:
     """Creates uniquely named databases for one test, and drops them after it."""
-    scratch = ScratchDatabases(postgres_server)
+    scratch = ScratchDatabases(postgres_server, dagster_storage_template)
     yield scratch
     scratch.drop_all()
 
