@@ -118,7 +118,7 @@ def test_dev_started_in_the_background_stops_with_everything_it_started(tmp_path
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=2)
                 break
             except OSError:
-                time.sleep(1)
+                time.sleep(0.2)
         else:
             pytest.fail(f"the UI never came up:\n{log.read_text()[-3000:]}")
         ignored = int(
@@ -130,7 +130,7 @@ def test_dev_started_in_the_background_stops_with_everything_it_started(tmp_path
         os.kill(wrapper, signal.SIGTERM)
         deadline = time.monotonic() + 90
         while _processes_with(str(home)) and time.monotonic() < deadline:
-            time.sleep(1)
+            time.sleep(0.2)
         left = _processes_with(str(home))
     finally:
         for line in _processes_with(str(home)):
