@@ -2,6 +2,7 @@
 
 import argparse
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -30,8 +31,25 @@ def main(argv: list[str] | None = None) -> int:
     dev.add_argument("--port", type=int, default=3000)
     commands.add_parser(
         "status",
-        help="cursor, backlog and last runs (of the databases in the environment, else of the "
+        help="one line (caught up, idle, catching up, stuck), cursor, backlog, posts and the "
+        "last runs of the pipeline's jobs (of the databases in the environment, else of the "
         "local demo state)",
+    )
+    commands.add_parser(
+        "metrics",
+        help="the figures an operator graphs and alerts on, as OpenMetrics text (for a "
+        "Prometheus textfile collector or any OpenMetrics scraper)",
+    )
+    commands.add_parser(
+        "env",
+        help="print the export lines that make dagster, dg and psql reach the local demo's "
+        'databases (eval "$(so-pipeline env)"; the server must be running: so-pipeline dev '
+        "or so-pipeline shell)",
+    )
+    commands.add_parser(
+        "shell",
+        help="a shell whose dagster, dg and psql reach the local demo's databases (its "
+        "PostgreSQL runs until the shell exits)",
     )
     load = commands.add_parser(
         "load-dump", help="load a Posts.xml (.xml, .gz or .7z) into the source database"
@@ -56,16 +74,21 @@ def main(argv: list[str] | None = None) -> int:
     # A SIGTERM unwinds like Ctrl-C, so the finally below stops the embedded server.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     home: Path = args.home.resolve()
-    if args.command == "status" and "SO_SOURCE_DATABASE_URL" in os.environ:
-        return _print_status()
+    reads = {"status": _print_status, "metrics": _print_metrics}
+    if args.command in reads and "SO_SOURCE_DATABASE_URL" in os.environ:
+        return reads[args.command]()
     try:
-        local = _LocalSetup(home)
+        local = _LocalSetup(home, quiet=args.command in {*reads, "env"})
     except ImportError as error:
         print(f"so-pipeline {args.command}: {error}", file=sys.stderr)
         return 2
     try:
-        if args.command == "status":
-            return _print_status()
+        if args.command in reads:
+            return reads[args.command]()
+        if args.command == "env":
+            return local.print_environment()
+        if args.command == "shell":
+            return local.run_shell()
         local.seed_source()
         if args.command == "demo":
             return local.run_until_caught_up(args.batch_size)
@@ -116,10 +139,17 @@ def _positive(text: str) -> int:
 class _LocalSetup:
     """The embedded PostgreSQL with the source, analytical and Dagster databases, seeded."""
 
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, quiet: bool = False) -> None:
         from so_pipeline.tooling.embedded import EmbeddedPostgres, local_environment
 
-        print(f"Starting the embedded PostgreSQL in {home / 'pgdata'} ...")
+        # Said only when it starts one: a command that reads the state of a running `dev`
+        # (status, env) merely connects to it.
+        self.started = not server_running(home / "pgdata")
+        if self.started:
+            print(
+                f"Starting the embedded PostgreSQL in {home / 'pgdata'} ...",
+                file=sys.stderr if quiet else sys.stdout,
+            )
         self.server = EmbeddedPostgres(home / "pgdata")
         dagster_home = home / "dagster_home"
         dagster_home.mkdir(parents=True, exist_ok=True)
@@ -168,11 +198,14 @@ class _LocalSetup:
                 per_run = ("rows_loaded", "rows_rejected", *(f"rejected_{r}" for r in RejectReason))
                 totals.update({key: metadata[key] for key in per_run})
                 cursor = metadata["last_processed_id"]
+                reread = metadata["rows_already_present"] + metadata["rows_already_rejected"]
+                updated = metadata["rows_updated"]
                 print(
-                    f"run {run_number}: ids ({metadata.get('window_after_id', 'start')}, "
-                    f"{metadata['window_last_id']}]  read {metadata['rows_read']}  "
-                    f"loaded {metadata['rows_loaded']}  rejected {metadata['rows_rejected']}  "
-                    f"cursor -> {cursor}"
+                    f"run {run_number}: new ids ({metadata.get('window_after_id', 'start')}, "
+                    f"{metadata['window_last_id']}]  read {metadata['rows_read']} = "
+                    f"loaded {metadata['rows_loaded']} + rejected {metadata['rows_rejected']}"
+                    f"{f' + updated {updated}' if updated else ''} + re-read unchanged {reread} "
+                    f"(the look-back)  cursor -> {cursor}"
                 )
             if cursor is None:
                 from so_pipeline.cursor import cursor_from_history
@@ -215,8 +248,58 @@ class _LocalSetup:
         finally:
             stop_process_group(process)
 
+    def environment(self) -> dict[str, str]:
+        """What dagster, dg and psql need to reach the demo's databases and history."""
+        names = ("SO_SOURCE_DATABASE_URL", "SO_ANALYTICAL_DATABASE_URL", "DAGSTER_PG_URL")
+        return {name: os.environ[name] for name in (*names, "DAGSTER_HOME")}
+
+    @staticmethod
+    def path_prefix() -> str:
+        """psql (from the embedded server's wheel), then dagster, dg and so-pipeline."""
+        from so_pipeline.tooling.embedded import postgres_bin
+
+        return f"{postgres_bin()}{os.pathsep}{Path(sys.executable).parent}"
+
+    def print_environment(self) -> int:
+        for name, value in self.environment().items():
+            print(f"export {name}={shlex.quote(value)}")
+        print(f'export PATH={shlex.quote(self.path_prefix())}"{os.pathsep}$PATH"')
+        print(
+            "# then: dg check defs, dagster job execute -m so_pipeline -j stackoverflow_posts_job, "
+            'psql "$SO_ANALYTICAL_DATABASE_URL"'
+        )
+        if self.started:
+            print(
+                "so-pipeline env: the demo's PostgreSQL was not running, and stops again as this "
+                "command exits: keep `so-pipeline dev` (or `so-pipeline shell`) running while "
+                "you use these settings",
+                file=sys.stderr,
+            )
+        return 0
+
+    def run_shell(self) -> int:
+        shell = os.environ.get("SHELL") or "/bin/sh"
+        print(
+            'A shell on the demo\'s databases (dagster, dg, psql "$SO_ANALYTICAL_DATABASE_URL"); '
+            "its PostgreSQL stops when you exit it.",
+            file=sys.stderr,
+        )
+        path = f"{self.path_prefix()}{os.pathsep}{os.environ.get('PATH', '')}"
+        env = {**os.environ, **self.environment(), "PATH": path}
+        return subprocess.run([shell], env=env).returncode
+
     def stop(self) -> None:
         self.server.stop()
+
+
+def server_running(data_dir: Path) -> bool:
+    """Whether a PostgreSQL server runs on `data_dir` (its postmaster.pid names a live process)."""
+    try:
+        pid = int((data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def _print_status() -> int:
@@ -231,6 +314,16 @@ def _print_status() -> int:
     )
     with dg.DagsterInstance.get() as instance:
         print(status_report(instance, source, analytical))
+    return 0
+
+
+def _print_metrics() -> int:
+    import dagster as dg
+
+    from so_pipeline.tooling.status import openmetrics, read_figures
+
+    with dg.DagsterInstance.get() as instance:
+        sys.stdout.write(openmetrics(read_figures(instance)))
     return 0
 
 
