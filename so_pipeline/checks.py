@@ -21,6 +21,7 @@ from so_pipeline.reconciliation import (
 )
 from so_pipeline.resources import PostgresResource
 from so_pipeline.run_connections import RunConnections
+from so_pipeline.source_replica import read_through_conflicts
 
 
 class ReconciliationConfig(dg.Config):
@@ -90,7 +91,13 @@ def reconciled_with_source(
         cursor, _ = current_cursor(context.instance, run.analytical)
         if cursor is None:
             return dg.AssetCheckResult(passed=True, metadata={"ids_checked_up_to": "none yet"})
-        result = reconcile(run, cursor, config.settings(cursor))
+        # On a read replica a recovery conflict cancels a read: the comparison is done again.
+        result, _ = read_through_conflicts(
+            run,
+            context.log,
+            "the reconciliation",
+            lambda: reconcile(run, cursor, config.settings(cursor)),
+        )
     context.log.info(
         "Reconciled %d ids in %d buckets (%d differed, contents of %d compared): %d loaded, "
         "%d updated, %d restored, %d marked deleted, %d deletions held back, %d unrepaired",
