@@ -76,7 +76,7 @@ class LoopbackPostgres(LocalServer):
         self.port = port
         self.password = "pg-" + secrets.token_hex(12)
         self.data_dir = self._home.directory / "data"
-        self._log = self._home.directory / "server.log"
+        self.log = self._home.directory / "server.log"
         password_file = self._home.directory / "pwfile"
         password_file.write_text(self.password + "\n")
         self._home.own(password_file)
@@ -92,7 +92,7 @@ class LoopbackPostgres(LocalServer):
                 "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n"
                 "max_connections = 100\n"
             )
-        self._run("pg_ctl", "-D", str(self.data_dir), "-l", str(self._log), "-w", "start")
+        self._run("pg_ctl", "-D", str(self.data_dir), "-l", str(self.log), "-w", "start")
 
     def url(self, database: str, driver: str = "postgresql") -> str:
         return f"{driver}://postgres:{self.password}@127.0.0.1:{self.port}/{database}"
@@ -116,7 +116,7 @@ class LoopbackPostgres(LocalServer):
             timeout=120,
         )
         if completed.returncode:
-            log = self._log.read_text() if self._log.exists() else ""
+            log = self.log.read_text() if self.log.exists() else ""
             raise AssertionError(f"{program} failed: {completed.stderr}{completed.stdout}{log}")
 
 
