@@ -20,7 +20,7 @@ from email.message import EmailMessage
 from typing import Protocol
 from urllib.parse import unquote, urlsplit
 
-from so_pipeline.resources import scrub
+from so_pipeline.database_url import scrub
 
 WEBHOOK_URL_VAR = "SO_ALERT_WEBHOOK_URL"
 SMTP_URL_VAR = "SO_ALERT_SMTP_URL"

@@ -28,6 +28,7 @@ from so_pipeline.alert_channels import (
     deliver,
     redact_credentials,
 )
+from so_pipeline.database_url import InvalidDatabaseURL, parse_url, scrub
 from so_pipeline.names import (
     BACKLOG_WITHIN_LIMITS,
     LAST_RESULT_OF,
@@ -35,7 +36,6 @@ from so_pipeline.names import (
     RECONCILIATION_JOB,
     SENSOR_INTERVAL_SECONDS,
 )
-from so_pipeline.resources import DatabaseConfigError, parse_url, scrub
 
 UI_BASE_URL_VAR = "SO_ALERT_UI_BASE_URL"
 PREFIX = "[so_pipeline]"
@@ -163,7 +163,7 @@ def _known_passwords(env: Mapping[str, str]) -> list[str]:
     for name in _DATABASE_URL_VARS:
         try:
             url = parse_url(env.get(name, ""), name) if env.get(name) else None
-        except DatabaseConfigError:
+        except InvalidDatabaseURL:
             continue
         if url is not None and url.password:
             passwords.append(str(url.password))

@@ -13,9 +13,14 @@ import sqlalchemy as sa
 from psycopg.conninfo import make_conninfo
 from pydantic import Field
 
+from so_pipeline import database_url
+from so_pipeline.database_url import (
+    InvalidDatabaseURL,
+    describe_location,
+    libpq_conninfo,
+    scrub,
+)
 from so_pipeline.session import SESSION_SETTINGS
-
-ACCEPTED_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg")
 
 
 class DatabaseConfigError(dg.Failure):
@@ -103,45 +108,9 @@ def tls_advice(error: BaseException) -> str | None:
 def parse_url(raw_url: str, resource_name: str) -> sa.URL:
     """Parse a `postgresql://` or `postgresql+psycopg://` URL; fail naming the resource."""
     try:
-        url = sa.make_url(raw_url.strip())
-    except (sa.exc.ArgumentError, ValueError):  # ValueError: a port that is not a number
-        raise DatabaseConfigError(
-            description=f"{resource_name}: the database URL is not a valid URL "
-            "(expected postgresql://user:password@host:port/dbname)",
-            allow_retries=False,
-        ) from None
-    if url.port is not None and not 0 < url.port < 65536:
-        raise DatabaseConfigError(
-            description=f"{resource_name}: port {url.port} is out of range (1 to 65535)",
-            allow_retries=False,
-        )
-    if url.drivername not in ACCEPTED_SCHEMES:
-        raise DatabaseConfigError(
-            description=f"{resource_name}: unsupported URL scheme '{url.drivername}' "
-            f"(use one of {', '.join(s + '://' for s in ACCEPTED_SCHEMES)})",
-            allow_retries=False,
-        )
-    return url
-
-
-def libpq_conninfo(url: sa.URL) -> str:
-    """The URL as libpq reads it (its query string, e.g. sslmode, passes through)."""
-    return url.set(drivername="postgresql").render_as_string(hide_password=False)
-
-
-def describe_location(url: sa.URL) -> str:
-    """`host:port/dbname` for messages; never includes credentials."""
-    host = url.host or url.query.get("host") or "local socket"
-    if isinstance(host, tuple):
-        host = ",".join(host)
-    port = f":{url.port}" if url.port else ""
-    return f"{host}{port}/{url.database or ''}"
-
-
-def scrub(text: str, secret: str | None) -> str:
-    """`text` on one line, with `secret` (a password) replaced by ***."""
-    line = " ".join(text.split())
-    return line.replace(secret, "***") if secret else line
+        return database_url.parse_url(raw_url, resource_name)
+    except InvalidDatabaseURL as error:
+        raise DatabaseConfigError(description=str(error), allow_retries=False) from None
 
 
 def is_permanent(error: BaseException) -> bool:

@@ -347,9 +347,7 @@ def _load_dump_command(path: Path, database_url: str | None) -> int:
     # One line on stderr for every way a load stops (the loader says where and what is
     # committed); a traceback would bury it.
     try:
-        if database_url != os.environ.get("SO_SOURCE_DATABASE_URL") and source.settings().get(
-            "password"
-        ):
+        if database_url != os.environ.get("SO_SOURCE_DATABASE_URL") and source.parsed().password:
             print(
                 "load-dump: warning: the password in --database-url is visible to every local "
                 "user (ps); put the URL in SO_SOURCE_DATABASE_URL, or leave the password out "

@@ -18,10 +18,18 @@ from queue import SimpleQueue
 from typing import Protocol
 
 import psycopg
+import sqlalchemy as sa
 from lxml import etree  # type: ignore[import-untyped]
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import make_conninfo
 
+from so_pipeline.database_url import (
+    InvalidDatabaseURL,
+    describe_location,
+    libpq_conninfo,
+    parse_url,
+    scrub,
+)
 from so_pipeline.session import SESSION_SETTINGS
 from so_pipeline.tooling.dump_archives import (
     ByteQueue,
@@ -104,36 +112,24 @@ class DatabaseURL:
     url: str
     name: str = "source_db"
 
-    def settings(self) -> dict[str, str]:
-        """The URL's libpq settings; DumpError if it is not a PostgreSQL URL."""
-        url = self.url.strip()
-        if url.startswith("postgresql+psycopg://"):
-            url = "postgresql://" + url.removeprefix("postgresql+psycopg://")
+    def parsed(self) -> sa.URL:
+        """The URL, parsed as the resource parses it; DumpError if it is not a PostgreSQL URL."""
         try:
-            if not url.startswith(("postgresql://", "postgres://")):
-                raise psycopg.ProgrammingError
-            return {key: str(value) for key, value in conninfo_to_dict(url).items()}
-        except psycopg.ProgrammingError:
-            raise DumpError(
-                f"{self.name}: the database URL is not a PostgreSQL URL "
-                "(expected postgresql://user@host:port/dbname)"
-            ) from None
+            return parse_url(self.url, self.name)
+        except InvalidDatabaseURL as error:
+            raise DumpError(str(error)) from None
 
     @contextmanager
     def connect(self) -> Iterator[psycopg.Connection]:
-        settings = self.settings()
-        host = settings.get("host") or settings.get("hostaddr") or "local socket"
-        port = f":{settings['port']}" if settings.get("port") else ""
-        location = f"{host}{port}/{settings.get('dbname', '')}"
+        url = self.parsed()
+        location = describe_location(url)
 
         def failure(what: str, error: psycopg.Error) -> DumpError:
-            reason = " ".join(str(error).split())
-            if settings.get("password"):
-                reason = reason.replace(settings["password"], "***")
+            reason = scrub(str(error), url.password)
             return DumpError(f"{self.name}: {what} PostgreSQL at {location}: {reason}")
 
         try:
-            conninfo = make_conninfo(**{"connect_timeout": "10", **settings, **SESSION_SETTINGS})
+            conninfo = make_conninfo(libpq_conninfo(url), connect_timeout="10", **SESSION_SETTINGS)
             connection = psycopg.connect(conninfo, autocommit=True)
         except psycopg.Error as error:
             raise failure("cannot connect to", error) from None
