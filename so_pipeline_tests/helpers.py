@@ -11,11 +11,13 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -271,6 +273,55 @@ def run_until_caught_up(instance: dg.DagsterInstance, **options: Any) -> list[Ru
     return [
         RunOutcome(result) for result in runs_until_caught_up(instance, job_run_config(**options))
     ]
+
+
+def reconcile(instance: dg.DagsterInstance, **config: Any) -> dg.AssetCheckEvaluation:
+    """Run the reconciliation job in process (its check's run config: `config`); return the
+    evaluation of reconciled_with_source."""
+    from so_pipeline.definitions import defs
+
+    result = defs.resolve_job_def("stackoverflow_posts_reconciliation_job").execute_in_process(
+        instance=instance,
+        run_config={"ops": {"filtered_posts_reconciled_with_source": {"config": config}}},
+        raise_on_error=False,
+    )
+    (evaluation,) = [
+        e.asset_check_evaluation_data
+        for e in result.all_events
+        if e.event_type_value == "ASSET_CHECK_EVALUATION"
+        and e.asset_check_evaluation_data.check_name == "reconciled_with_source"
+    ]
+    return evaluation
+
+
+def check_values(evaluation: dg.AssetCheckEvaluation) -> dict[str, object]:
+    return {key: value.value for key, value in evaluation.metadata.items()}
+
+
+LOCK_HOLDER = "so_pipeline run 0badc0de"
+
+
+def run_job_behind_a_held_lock(
+    databases: "PipelineDatabases", instance: dg.DagsterInstance, seconds: float = 2
+) -> RunOutcome:
+    """Run the job while another session, named as a run of the pipeline (LOCK_HOLDER), holds
+    the write lock for `seconds`."""
+    from so_pipeline.posts_merge import PIPELINE_LOCK_ID
+
+    holding = threading.Event()
+
+    def hold_the_lock() -> None:
+        with psycopg.connect(databases.analytical_url, application_name=LOCK_HOLDER) as holder:
+            holder.execute("SELECT pg_advisory_xact_lock(%s)", [PIPELINE_LOCK_ID])
+            holding.set()
+            time.sleep(seconds)
+
+    with ThreadPoolExecutor(1) as pool:
+        released = pool.submit(hold_the_lock)
+        holding.wait(10)
+        outcome = run_job(instance)
+        released.result()
+    return outcome
 
 
 # --- the command line ---------------------------------------------------------------------------

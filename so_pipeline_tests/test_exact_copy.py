@@ -15,12 +15,17 @@ import dagster as dg
 import psycopg
 import pytest
 
-from so_pipeline.definitions import defs
-from so_pipeline_tests.helpers import PipelineDatabases, Post, generate_source_posts, run_job
+from so_pipeline_tests import helpers
+from so_pipeline_tests.helpers import (
+    PipelineDatabases,
+    Post,
+    check_values,
+    generate_source_posts,
+    run_job,
+)
 
 pytestmark = pytest.mark.integration
 
-RECONCILIATION_OP = "filtered_posts_reconciled_with_source"
 COLUMNS = "id, title, body, owner_user_id, creation_date"
 
 
@@ -68,23 +73,8 @@ def assert_copy_equals_source(databases: PipelineDatabases) -> None:
 
 
 def reconcile(instance: dg.DagsterInstance, **config: Any) -> dg.AssetCheckEvaluation:
-    job = defs.resolve_job_def("stackoverflow_posts_reconciliation_job")
-    result = job.execute_in_process(
-        instance=instance,
-        run_config={"ops": {RECONCILIATION_OP: {"config": {"content_days": 1, **config}}}},
-        raise_on_error=False,
-    )
-    (evaluation,) = [
-        e.asset_check_evaluation_data
-        for e in result.all_events
-        if e.event_type_value == "ASSET_CHECK_EVALUATION"
-        and e.asset_check_evaluation_data.check_name == "reconciled_with_source"
-    ]
-    return evaluation
-
-
-def values(evaluation: dg.AssetCheckEvaluation) -> dict[str, object]:
-    return {key: value.value for key, value in evaluation.metadata.items()}
+    """The reconciliation, every content compared unless `config` says otherwise."""
+    return helpers.reconcile(instance, **{"content_days": 1, **config})
 
 
 def test_a_post_dated_in_the_future_does_not_hide_the_edits_after_it(
@@ -125,7 +115,7 @@ def test_a_change_time_change_capture_cannot_place_neither_stalls_nor_loses_the_
     assert "change_cursor_at" in again.metadata()
     evaluation = reconcile(instance)
     assert evaluation.passed, evaluation.description
-    assert values(evaluation)["rows_updated_by_repair"] == 1
+    assert check_values(evaluation)["rows_updated_by_repair"] == 1
     assert_copy_equals_source(databases)
 
 
@@ -182,9 +172,9 @@ def test_reconciliation_repairs_contents_not_only_ids(
     again = reconcile(instance)
 
     assert repaired.passed, repaired.description
-    assert values(repaired)["rows_updated_by_repair"] == 1
-    assert values(repaired)["buckets_differing"] == 1
-    assert values(again)["buckets_differing"] == 0
+    assert check_values(repaired)["rows_updated_by_repair"] == 1
+    assert check_values(repaired)["buckets_differing"] == 1
+    assert check_values(again)["buckets_differing"] == 0
     assert databases.rejected() == {9: "body_whitespace_only"}
     assert_copy_equals_source(databases)
 
@@ -206,7 +196,7 @@ def test_a_row_the_repair_cannot_fix_fails_the_check_naming_it(
 
     assert not evaluation.passed
     assert "1 ids still differ after the repair (e.g. 3)" in (evaluation.description or "")
-    assert values(evaluation)["unrepaired_ids"] == "3"
+    assert check_values(evaluation)["unrepaired_ids"] == "3"
 
 
 def test_only_the_days_share_of_contents_is_compared_yet_every_id_is(
@@ -219,8 +209,8 @@ def test_only_the_days_share_of_contents_is_compared_yet_every_id_is(
 
     evaluation = reconcile(instance, content_days=7)
 
-    assert values(evaluation)["buckets_compared"] == 1
-    assert values(evaluation)["content_buckets_compared"] in (0, 1)
+    assert check_values(evaluation)["buckets_compared"] == 1
+    assert check_values(evaluation)["content_buckets_compared"] in (0, 1)
 
 
 def test_a_mass_deletion_at_the_source_deletes_nothing_until_a_run_allows_it(
@@ -239,7 +229,7 @@ def test_a_mass_deletion_at_the_source_deletes_nothing_until_a_run_allows_it(
     assert "allow_mass_delete" in (held.description or "")
     assert deleted_then == 300
     assert allowed.passed, allowed.description
-    assert values(allowed)["rows_marked_deleted"] == 150
+    assert check_values(allowed)["rows_marked_deleted"] == 150
     assert_copy_equals_source(databases)
 
 
@@ -268,7 +258,7 @@ def test_a_repair_of_more_deletions_than_bind_parameters_allows(
     evaluation = reconcile(instance, allow_mass_delete=True, content_days=30)
 
     assert evaluation.passed, evaluation.description
-    assert values(evaluation)["rows_marked_deleted"] == 70_000
+    assert check_values(evaluation)["rows_marked_deleted"] == 70_000
     assert_copy_equals_source(databases)
 
 
@@ -299,8 +289,8 @@ def test_a_backfill_recopies_a_range_through_the_rules_without_moving_the_cursor
     after = run_job(instance, change_column="")
 
     assert evaluation.passed, evaluation.description
-    assert values(evaluation)["rows_recopied"] == 4
-    assert values(evaluation)["rows_updated_by_repair"] == 4
+    assert check_values(evaluation)["rows_recopied"] == 4
+    assert check_values(evaluation)["rows_updated_by_repair"] == 4
     assert after.metadata()["cursor_before"] == "20"
     assert_copy_equals_source(databases)
 
@@ -336,4 +326,4 @@ def test_a_source_in_another_time_zone_is_copied_in_utc_and_compares_equal(
         datetime(2024, 3, 10, 7, 30)
     )
     assert evaluation.passed, evaluation.description
-    assert values(evaluation)["buckets_differing"] == 0
+    assert check_values(evaluation)["buckets_differing"] == 0

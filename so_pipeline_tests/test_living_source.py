@@ -8,12 +8,11 @@ import dagster as dg
 import psycopg
 import pytest
 
-from so_pipeline.definitions import defs
 from so_pipeline.resources import PostgresResource
 from so_pipeline.run_connections import RunConnections
 from so_pipeline.window import PostWindow
 from so_pipeline.window_loader import WindowLoader
-from so_pipeline_tests.helpers import PipelineDatabases, Post, run_job
+from so_pipeline_tests.helpers import PipelineDatabases, Post, check_values, reconcile, run_job
 
 pytestmark = pytest.mark.integration
 
@@ -182,23 +181,6 @@ def test_a_replay_after_a_body_was_emptied_moves_the_post_out_of_posts(
     assert _in_both(databases) == []
 
 
-def _reconcile(instance: dg.DagsterInstance) -> dg.AssetCheckEvaluation:
-    result = defs.resolve_job_def("stackoverflow_posts_reconciliation_job").execute_in_process(
-        instance=instance, raise_on_error=False
-    )
-    (evaluation,) = [
-        e.asset_check_evaluation_data
-        for e in result.all_events
-        if e.event_type_value == "ASSET_CHECK_EVALUATION"
-        and e.asset_check_evaluation_data.check_name == "reconciled_with_source"
-    ]
-    return evaluation
-
-
-def _numbers(evaluation: dg.AssetCheckEvaluation) -> dict[str, object]:
-    return {key: value.value for key, value in evaluation.metadata.items()}
-
-
 def _deleted(databases: PipelineDatabases) -> list[int]:
     rows = databases.query(
         "analytical",
@@ -218,18 +200,18 @@ def test_deletions_are_soft_deleted_and_undeletes_restored(
     _edit(databases, 3, 10, body="<p>edited, then deleted</p>")
     _source(databases, "DELETE FROM posts WHERE id IN (3, 7)")
     run_job(instance)
-    deleted = _reconcile(instance)
+    deleted = reconcile(instance)
     assert deleted.passed
-    assert _numbers(deleted)["rows_marked_deleted"] == 2
+    assert check_values(deleted)["rows_marked_deleted"] == 2
     assert _deleted(databases) == [3, 7]
 
     databases.add_source_posts([Post(id=3, body="<p>back</p>")])  # undeleted
-    restored = _reconcile(instance)
+    restored = reconcile(instance)
     assert restored.passed
-    assert _numbers(restored)["rows_restored"] == 1
+    assert check_values(restored)["rows_restored"] == 1
     assert _deleted(databases) == [7]
     assert _analytical_row(databases, 3) == _source_row(databases, 3)
-    assert _numbers(_reconcile(instance))["buckets_differing"] == 0
+    assert check_values(reconcile(instance))["buckets_differing"] == 0
 
 
 def test_a_deletion_and_a_late_row_in_one_bucket_no_longer_cancel_out(
@@ -242,9 +224,9 @@ def test_a_deletion_and_a_late_row_in_one_bucket_no_longer_cancel_out(
     databases.add_source_posts([Post(id=-5, body="<p>late</p>")])
     _source(databases, "DELETE FROM posts WHERE id = 1500")
 
-    evaluation = _reconcile(instance)
+    evaluation = reconcile(instance)
 
-    metadata = _numbers(evaluation)
+    metadata = check_values(evaluation)
     assert evaluation.passed
     assert metadata["buckets_differing"] == 1
     assert metadata["rows_loaded_by_repair"] == 1
@@ -261,11 +243,11 @@ def test_reconciliation_handles_negative_and_huge_ids(
     run_job(instance)
     _source(databases, "DELETE FROM posts WHERE id = %s", [2**62])
 
-    evaluation = _reconcile(instance)
+    evaluation = reconcile(instance)
 
     assert evaluation.passed
     assert _deleted(databases) == [2**62]
-    assert _numbers(evaluation)["ids_compared"] == 5
+    assert check_values(evaluation)["ids_compared"] == 5
 
 
 def test_an_old_posts_table_gains_deleted_at_in_place(

@@ -5,9 +5,6 @@ never saw the first run's disk, the one-writer pool, and the "are we keeping up?
 import logging
 import shutil
 import subprocess
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import dagster as dg
@@ -17,14 +14,15 @@ import pytest
 from so_pipeline.assets import POSTS_WRITERS_POOL
 from so_pipeline.cursor import latest_metadata
 from so_pipeline.definitions import defs
-from so_pipeline.posts_merge import PIPELINE_LOCK_ID
 from so_pipeline_tests.helpers import (
     BIN,
+    LOCK_HOLDER,
     REPO_ROOT,
     PipelineDatabases,
     Post,
     dagster_job_execute,
     run_job,
+    run_job_behind_a_held_lock,
 )
 
 pytestmark = pytest.mark.integration
@@ -202,21 +200,8 @@ def test_a_wait_for_the_write_lock_is_measured_and_names_the_run_that_held_it(
     databases.add_source_posts([Post(id=i) for i in range(1, 6)])
     assert run_job(instance).success  # the tables exist
     databases.add_source_posts([Post(id=i) for i in range(6, 9)])
-    holding = threading.Event()
 
-    def hold_the_lock() -> None:
-        with psycopg.connect(
-            databases.analytical_url, application_name="so_pipeline run 0badc0de"
-        ) as holder:
-            holder.execute("SELECT pg_advisory_xact_lock(%s)", [PIPELINE_LOCK_ID])
-            holding.set()
-            time.sleep(2)
-
-    with ThreadPoolExecutor(1) as pool:
-        released = pool.submit(hold_the_lock)
-        holding.wait(10)
-        outcome = run_job(instance)
-        released.result()
+    outcome = run_job_behind_a_held_lock(databases, instance)
 
     assert outcome.success
     assert outcome.metadata()["lock_wait_seconds"] >= 1.0
@@ -226,6 +211,6 @@ def test_a_wait_for_the_write_lock_is_measured_and_names_the_run_that_held_it(
         for entry in instance.all_logs(outcome.result.run_id)
         if entry.level == logging.WARNING
     ]
-    assert any(
-        "for the write lock, held by so_pipeline run 0badc0de" in message for message in warnings
-    ), warnings
+    assert any(f"for the write lock, held by {LOCK_HOLDER}" in message for message in warnings), (
+        warnings
+    )

@@ -10,19 +10,14 @@ installs both).
 
 import contextlib
 import re
-import threading
-import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import dagster as dg
-import psycopg
 import pytest
 
 from so_pipeline import dashboard
 from so_pipeline.definitions import defs
-from so_pipeline.posts_merge import PIPELINE_LOCK_ID
 from so_pipeline_tests.helpers import (
     BIN,
     PipelineDatabases,
@@ -30,6 +25,7 @@ from so_pipeline_tests.helpers import (
     background,
     free_port,
     run_job,
+    run_job_behind_a_held_lock,
     wait_for_webserver,
 )
 from so_pipeline_tests.test_ui import CHROMIUM, CHROMIUM_ARGS, sync_api
@@ -57,24 +53,6 @@ def webserver(dagster_home: Path, tmp_path: Path) -> Iterator[str]:
         yield url
 
 
-def _run_behind_a_held_lock(databases: PipelineDatabases, instance: dg.DagsterInstance) -> None:
-    holding = threading.Event()
-
-    def hold_the_lock() -> None:
-        with psycopg.connect(
-            databases.analytical_url, application_name="so_pipeline run 0badc0de"
-        ) as holder:
-            holder.execute("SELECT pg_advisory_xact_lock(%s)", [PIPELINE_LOCK_ID])
-            holding.set()
-            time.sleep(2)
-
-    with ThreadPoolExecutor(1) as pool:
-        released = pool.submit(hold_the_lock)
-        holding.wait(10)
-        assert run_job(instance).success
-        released.result()
-
-
 def test_the_asset_page_shows_check_states_the_dashboard_in_order_and_the_lock_wait(
     databases: PipelineDatabases, webserver: str
 ) -> None:
@@ -85,7 +63,7 @@ def test_the_asset_page_shows_check_states_the_dashboard_in_order_and_the_lock_w
         assert run_job(instance, batch_size=5).success
         reconciliation = defs.resolve_job_def("stackoverflow_posts_reconciliation_job")
         assert reconciliation.execute_in_process(instance=instance).success
-        _run_behind_a_held_lock(databases, instance)  # the 15-minute run after it
+        assert run_job_behind_a_held_lock(databases, instance).success  # the 15-minute run after it
 
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
