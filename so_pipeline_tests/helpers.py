@@ -365,9 +365,10 @@ def wait_for(
 
 def pipeline_waits_for_a_lock(url: str, wait_event: str | None = None) -> bool:
     """Whether a connection of the pipeline to `url` waits for a lock (of `wait_event`, e.g.
-    `transactionid`, if given)."""
+    `transactionid`, if given). Only `url`'s database: a server may be shared by test workers."""
     query = (
         "SELECT 1 FROM pg_stat_activity WHERE application_name LIKE 'so_pipeline%%' "
+        "AND datname = current_database() "
         "AND wait_event_type = 'Lock' AND wait_event = coalesce(%s, wait_event)"
     )
     with psycopg.connect(url, autocommit=True) as connection:

@@ -38,7 +38,7 @@ def _terminate_copy_backend(url: str, command: str) -> bool:
         pids = connection.execute(
             "SELECT p.pid FROM pg_stat_progress_copy p JOIN pg_stat_activity a USING (pid) "
             "WHERE a.application_name LIKE 'so_pipeline%%' AND p.command = %s "
-            "AND p.tuples_processed > 5000",
+            "AND p.tuples_processed > 5000 AND a.datname = current_database()",
             [command],
         ).fetchall()
         for (pid,) in pids:
@@ -86,7 +86,8 @@ def _copy_rows(url: str, command: str) -> int:
         (rows,) = connection.execute(
             "SELECT coalesce(max(p.tuples_processed), 0) FROM pg_stat_progress_copy p "
             "JOIN pg_stat_activity a USING (pid) "
-            "WHERE a.application_name LIKE 'so_pipeline%%' AND p.command = %s",
+            "WHERE a.application_name LIKE 'so_pipeline%%' AND p.command = %s "
+            "AND a.datname = current_database()",
             [command],
         ).fetchone()  # type: ignore[misc]
     return rows
