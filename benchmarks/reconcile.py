@@ -7,8 +7,9 @@ by the job, each round times:
 1. the baseline: every value of the source `posts` and of the analytical `posts` and
    `posts_rejected` read once (`sum(length(...))` of each column, which detoasts every body),
    both databases at once, as the reconciliation reads them;
-2. the reconciliation job with every bucket's contents compared (content_days 1) and nothing
-   to repair; then with the daily share (content_days 7);
+2. the reconciliation itself (in this process: Dagster's start-up left out) with every
+   bucket's contents compared (content_days 1) and nothing to repair; then with the daily
+   share (content_days 7);
 3. the same after 1,000 scattered analytical rows were changed (all repaired);
 4. a 15-minute tick (no new post) with change capture on and off.
 It prints medians and worst cases, ratios to the baseline, and a projection for 55,000,000
@@ -20,6 +21,7 @@ import statistics
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import date
 from pathlib import Path
 
 import psycopg
@@ -32,7 +34,12 @@ from benchmarks.throughput import (
     ensure_source,
     expected_fingerprint,
     loaded_fingerprint,
+    max_id,
 )
+from so_pipeline import reconciliation
+from so_pipeline.reconciliation import ReconcileSettings
+from so_pipeline.resources import PostgresResource
+from so_pipeline.run_connections import RunConnections
 
 STACK_OVERFLOW_POSTS = 55_000_000
 SCATTERED_CHANGES = 1_000
@@ -70,10 +77,17 @@ def run_job(env: dict[str, str], job: str, config: str | None = None) -> float:
     return time.monotonic() - started
 
 
-def reconcile(env: dict[str, str], content_days: int) -> float:
-    op = "filtered_posts_reconciled_with_source"
-    config = f"ops: {{{op}: {{config: {{content_days: {content_days}}}}}}}"
-    return run_job(env, "stackoverflow_posts_reconciliation_job", config)
+def reconcile(source: str, target: str, content_days: int) -> float:
+    """Seconds the reconciliation itself takes (compare, narrow, repair), in this process: what
+    the daily job spends beyond Dagster's start-up."""
+    source_db = PostgresResource(resource_name="source_db", url=source)
+    analytical_db = PostgresResource(resource_name="analytical_db", url=target)
+    settings = ReconcileSettings(content_days=content_days, day=date.today().toordinal())
+    with RunConnections(source_db, analytical_db, run_id="benchmark") as run:
+        result = reconciliation.reconcile(run, max_id(source), settings)
+    if result.problem():
+        raise RuntimeError(result.problem())
+    return result.seconds
 
 
 def still_changed(target: str) -> int:
@@ -126,10 +140,10 @@ def run(bench: Bench, args: argparse.Namespace) -> None:
     for round_number in range(1, args.rounds + 1):
         print(f"Round {round_number}/{args.rounds} ...", flush=True)
         baseline.append(read_every_value(bench.source, target))
-        full.append(reconcile(env, 1))
-        daily.append(reconcile(env, 7))
+        full.append(reconcile(bench.source, target, 1))
+        daily.append(reconcile(bench.source, target, 7))
         scatter_changes(target, SCATTERED_CHANGES)
-        repair.append(reconcile(env, 1))
+        repair.append(reconcile(bench.source, target, 1))
         left = still_changed(target)
         print(
             f"  read every value {baseline[-1]:.2f} s; reconcile, all contents {full[-1]:.2f} s, "

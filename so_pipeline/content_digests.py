@@ -9,6 +9,8 @@ whatever its settings. A bucket's digest is the count and the sum of its rows' h
 those two numbers cross the network when a bucket is equal.
 """
 
+from dataclasses import asdict, dataclass
+
 import psycopg
 import sqlalchemy as sa
 from psycopg import sql
@@ -39,9 +41,14 @@ ROW_HASH = sql.SQL("hashtextextended(concat_ws('|', {}), 0)").format(
 )
 
 _IN_RANGE = sql.SQL("id >= %(low)s::bigint AND id <= %(high)s::bigint")
+# The day's share of buckets: div(id, bucket_ids) taken modulo `days` (never negative) = share.
+_IN_SHARE = sql.SQL(
+    "id <= %(up_to_id)s::bigint AND mod(mod(div(id, %(bucket_ids)s)::bigint, %(days)s) "
+    "+ %(days)s, %(days)s) = %(share)s"
+)
 
 
-def _active_analytical_rows() -> sql.Composed:
+def _active_analytical_rows(condition: sql.Composable) -> sql.Composed:
     """The rows the copy stands for: active (not soft-deleted) rows of both tables."""
     fields = copied_columns(posts)
     selects = []
@@ -50,54 +57,75 @@ def _active_analytical_rows() -> sql.Composed:
         selects.append(
             sql.SQL(
                 "SELECT {fields}, {reason} AS reason FROM {table} "
-                "WHERE deleted_at IS NULL AND {range}"
+                "WHERE deleted_at IS NULL AND {condition}"
             ).format(
                 fields=sql.SQL(", ").join(map(sql.Identifier, fields)),
                 reason=reason,
                 table=sql.Identifier(table.name),
-                range=_IN_RANGE,
+                condition=condition,
             )
         )
     return sql.SQL(" UNION ALL ").join(selects)
-
-
-_SOURCE_ROWS = classified_rows(_IN_RANGE)
-_ANALYTICAL_ROWS = _active_analytical_rows()
 
 
 def _hashes(rows: sql.Composable) -> sql.Composed:
     return sql.SQL("SELECT id, {} AS h FROM ({}) w").format(ROW_HASH, rows)
 
 
-def _digest(rows: sql.Composable) -> sql.Composed:
-    return sql.SQL("SELECT count(*), coalesce(sum(h), 0) FROM ({}) d").format(_hashes(rows))
+def _bucket_digests(rows: sql.Composable) -> sql.Composed:
+    return sql.SQL(
+        "SELECT div(id, %(bucket_ids)s) AS bucket, count(*), coalesce(sum(h), 0) "
+        "FROM ({}) d GROUP BY bucket"
+    ).format(_hashes(rows))
 
 
-def source_digest(
-    connection: psycopg.Connection, low: int, high: int, rules: dict[str, object]
-) -> Digest:
-    """Digest of the source rows with ids in [low, high], classified under `rules`."""
-    row = connection.execute(_digest(_SOURCE_ROWS), {"low": low, "high": high, **rules})
-    count, total = row.fetchone()  # type: ignore[misc]
-    return int(count), int(total)
+_SOURCE_SHARE = _bucket_digests(classified_rows(_IN_SHARE))
+_ANALYTICAL_SHARE = _bucket_digests(_active_analytical_rows(_IN_SHARE))
+_SOURCE_RANGE = _hashes(classified_rows(_IN_RANGE))
+_ANALYTICAL_RANGE = _hashes(_active_analytical_rows(_IN_RANGE))
 
 
-def analytical_digest(connection: psycopg.Connection, low: int, high: int) -> Digest:
-    """Digest of the active analytical rows with ids in [low, high]."""
-    row = connection.execute(_digest(_ANALYTICAL_ROWS), {"low": low, "high": high})
-    count, total = row.fetchone()  # type: ignore[misc]
-    return int(count), int(total)
+@dataclass(frozen=True)
+class Share:
+    """The buckets (of `bucket_ids` ids) whose number is `share` modulo `days`, up to an id."""
+
+    up_to_id: int
+    bucket_ids: int
+    days: int
+    share: int
+
+    def params(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def _digests(
+    connection: psycopg.Connection, query: sql.Composed, params: dict
+) -> dict[int, Digest]:
+    rows = connection.execute(query, params).fetchall()
+    return {int(bucket): (int(count), int(total)) for bucket, count, total in rows}
+
+
+def source_digests(
+    connection: psycopg.Connection, share: Share, rules: dict[str, object]
+) -> dict[int, Digest]:
+    """Bucket -> digest of the share's source rows, classified under `rules` (one scan)."""
+    return _digests(connection, _SOURCE_SHARE, {**share.params(), **rules})
+
+
+def analytical_digests(connection: psycopg.Connection, share: Share) -> dict[int, Digest]:
+    """Bucket -> digest of the share's active analytical rows (one scan of each table)."""
+    return _digests(connection, _ANALYTICAL_SHARE, share.params())
 
 
 def source_row_hashes(
     connection: psycopg.Connection, low: int, high: int, rules: dict[str, object]
 ) -> dict[int, int]:
     """id -> row hash of the source rows with ids in [low, high]."""
-    rows = connection.execute(_hashes(_SOURCE_ROWS), {"low": low, "high": high, **rules})
+    rows = connection.execute(_SOURCE_RANGE, {"low": low, "high": high, **rules})
     return dict(rows.fetchall())
 
 
 def analytical_row_hashes(connection: psycopg.Connection, low: int, high: int) -> dict[int, int]:
     """id -> row hash of the active analytical rows with ids in [low, high]."""
-    rows = connection.execute(_hashes(_ANALYTICAL_ROWS), {"low": low, "high": high})
+    rows = connection.execute(_ANALYTICAL_RANGE, {"low": low, "high": high})
     return dict(rows.fetchall())

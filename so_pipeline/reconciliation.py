@@ -28,14 +28,10 @@ from typing import Any
 import psycopg
 import sqlalchemy as sa
 
+from so_pipeline import content_digests
 from so_pipeline.analytical_reads import live_posts_count
 from so_pipeline.analytical_schema import TABLES
-from so_pipeline.content_digests import (
-    analytical_digest,
-    analytical_row_hashes,
-    source_digest,
-    source_row_hashes,
-)
+from so_pipeline.content_digests import Share, analytical_row_hashes, source_row_hashes
 from so_pipeline.core_sql import execute
 from so_pipeline.posts_merge import PostsMerge
 from so_pipeline.run_connections import RunConnections
@@ -70,8 +66,9 @@ class ReconcileSettings:
     mass_delete_threshold: int | None = None  # None: the default share of live posts
     recopy: tuple[int | None, int] | None = None  # ids (after, up_to] to re-copy, if asked
 
-    def content_buckets(self, buckets: set[int]) -> set[int]:
-        return {b for b in buckets if b % self.content_days == self.day % self.content_days}
+    def content_share(self, up_to_id: int) -> Share:
+        """The buckets whose contents this run compares (b % content_days == day's)."""
+        return Share(up_to_id, BUCKET_IDS, self.content_days, self.day % self.content_days)
 
 
 def bucket_bounds(bucket: int, size: int = BUCKET_IDS) -> tuple[int, int]:
@@ -102,14 +99,14 @@ def _index_only(connection: psycopg.Connection) -> Iterator[None]:
         yield
 
 
-def source_digests(connection: psycopg.Connection, up_to_id: int) -> Digests:
+def source_id_digests(connection: psycopg.Connection, up_to_id: int) -> Digests:
     query = _digest_query(source_posts.c.id, source_posts, source_posts.c.id <= up_to_id)
     with _index_only(connection):
         rows = execute(connection, query).fetchall()
     return {int(b): (int(n), int(h)) for b, n, h in rows}
 
 
-def analytical_digests(connection: psycopg.Connection, up_to_id: int) -> Digests:
+def analytical_id_digests(connection: psycopg.Connection, up_to_id: int) -> Digests:
     """Digests of the active ids (not soft-deleted) of posts and posts_rejected.
 
     Every id, minus the soft-deleted ones: both read from indexes (the primary key, and a
@@ -297,21 +294,21 @@ def reconcile(run: RunConnections, up_to_id: int, settings: ReconcileSettings) -
     _recopy(run, settings, rules, result)
     # Both servers scan their indexes at once (one thread each: psycopg waits in C).
     with ThreadPoolExecutor(2, "so_pipeline-reconcile") as pool:
-        their_digests = pool.submit(source_digests, run.source, up_to_id)
-        ours = analytical_digests(run.analytical, up_to_id)
+        their_digests = pool.submit(source_id_digests, run.source, up_to_id)
+        ours = analytical_id_digests(run.analytical, up_to_id)
         theirs = their_digests.result()
-        buckets = set(theirs) | set(ours)
-        content = sorted(settings.content_buckets(buckets))
-        bounds = dict(zip(content, _bounds(content, up_to_id), strict=True))
-        their_contents = pool.submit(
-            lambda: {b: source_digest(run.source, *bounds[b], rules) for b in content}
-        )
-        our_contents = {b: analytical_digest(run.analytical, *bounds[b]) for b in content}
-        differing_content = {b for b in content if their_contents.result()[b] != our_contents[b]}
+        share = settings.content_share(up_to_id)
+        their_contents = pool.submit(content_digests.source_digests, run.source, share, rules)
+        our_contents = content_digests.analytical_digests(run.analytical, share)
+        contents = set(their_contents.result()) | set(our_contents)
+        differing_content = {
+            b for b in contents if their_contents.result().get(b) != our_contents.get(b)
+        }
+    buckets = set(theirs) | set(ours)
     differing = sorted({b for b in buckets if theirs.get(b) != ours.get(b)} | differing_content)
     result.ids_compared = sum(n for n, _ in theirs.values())
     result.buckets_compared = len(buckets)
-    result.content_buckets_compared = len(content)
+    result.content_buckets_compared = len(contents)
     result.buckets_differing = len(differing)
     if differing:
         _repair(run, _bounds(differing, up_to_id), settings, rules, result)
