@@ -3,7 +3,7 @@
 The server is the embedded one from PyPI unless SO_TEST_DATABASE_URL names an external
 server (its role must be allowed to create databases). It is a session fixture, so it starts
 only when a test asks for it: the unit tests (`-m "not integration"`) never start it. Under
-`pytest -n 2` each worker is a session of its own, with its own server, temporary folders and
+`pytest -n 4` each worker is a session of its own, with its own server, temporary folders and
 uniquely named databases, so the workers share nothing but an external server. The helpers
 these fixtures build on are in helpers.py.
 """
