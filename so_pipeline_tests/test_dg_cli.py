@@ -57,8 +57,8 @@ def test_dg_check_and_list_defs_find_the_code_location(dagster_home: Path) -> No
         "stackoverflow_posts_reconciliation_job",
     ]
     assert sorted(sensor["name"] for sensor in defs["sensors"]) == [
-        "so_pipeline_failure_alerts",
         "so_pipeline_check_and_recovery_alerts",
+        "so_pipeline_failure_alerts",
         "stackoverflow_posts_catch_up_sensor",
     ]
 
