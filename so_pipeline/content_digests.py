@@ -74,8 +74,8 @@ def _hashes(rows: sql.Composable) -> sql.Composed:
 
 def _bucket_digests(rows: sql.Composable) -> sql.Composed:
     return sql.SQL(
-        "SELECT div(id, %(bucket_ids)s) AS bucket, count(*), coalesce(sum(h), 0) "
-        "FROM ({}) d GROUP BY bucket"
+        "SELECT div(id, %(group_ids)s) AS part, count(*), coalesce(sum(h), 0) "
+        "FROM ({}) d GROUP BY part"
     ).format(_hashes(rows))
 
 
@@ -83,16 +83,21 @@ _SOURCE_SHARE = _bucket_digests(classified_rows(_IN_SHARE))
 _ANALYTICAL_SHARE = _bucket_digests(_active_analytical_rows(_IN_SHARE))
 _SOURCE_RANGE = _hashes(classified_rows(_IN_RANGE))
 _ANALYTICAL_RANGE = _hashes(_active_analytical_rows(_IN_RANGE))
+_IN_IDS = sql.SQL("id = ANY(%(ids)s::bigint[])")
+_SOURCE_IDS = _hashes(classified_rows(_IN_IDS))
+_ANALYTICAL_IDS = _hashes(_active_analytical_rows(_IN_IDS))
 
 
 @dataclass(frozen=True)
 class Share:
-    """The buckets (of `bucket_ids` ids) whose number is `share` modulo `days`, up to an id."""
+    """The buckets (of `bucket_ids` ids) whose number is `share` modulo `days`, up to an id,
+    digested in parts of `group_ids` ids (so a difference is narrowed to a small part)."""
 
     up_to_id: int
     bucket_ids: int
     days: int
     share: int
+    group_ids: int
 
     def params(self) -> dict[str, object]:
         return asdict(self)
@@ -108,12 +113,12 @@ def _digests(
 def source_digests(
     connection: psycopg.Connection, share: Share, rules: dict[str, object]
 ) -> dict[int, Digest]:
-    """Bucket -> digest of the share's source rows, classified under `rules` (one scan)."""
+    """Part -> digest of the share's source rows, classified under `rules` (one scan)."""
     return _digests(connection, _SOURCE_SHARE, {**share.params(), **rules})
 
 
 def analytical_digests(connection: psycopg.Connection, share: Share) -> dict[int, Digest]:
-    """Bucket -> digest of the share's active analytical rows (one scan of each table)."""
+    """Part -> digest of the share's active analytical rows (one scan of each table)."""
     return _digests(connection, _ANALYTICAL_SHARE, share.params())
 
 
@@ -129,3 +134,15 @@ def analytical_row_hashes(connection: psycopg.Connection, low: int, high: int) -
     """id -> row hash of the active analytical rows with ids in [low, high]."""
     rows = connection.execute(_ANALYTICAL_RANGE, {"low": low, "high": high})
     return dict(rows.fetchall())
+
+
+def source_hashes_of(
+    connection: psycopg.Connection, ids: list[int], rules: dict[str, object]
+) -> dict[int, int]:
+    """id -> row hash of the source rows with these ids."""
+    return dict(connection.execute(_SOURCE_IDS, {"ids": ids, **rules}).fetchall())
+
+
+def analytical_hashes_of(connection: psycopg.Connection, ids: list[int]) -> dict[int, int]:
+    """id -> row hash of the active analytical rows with these ids."""
+    return dict(connection.execute(_ANALYTICAL_IDS, {"ids": ids}).fetchall())

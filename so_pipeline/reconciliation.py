@@ -45,6 +45,9 @@ from so_pipeline.source_posts import (
 # 100,000 ids per bucket: ~800 buckets for Stack Overflow, and a differing bucket is read id by
 # id in a fraction of a second.
 BUCKET_IDS = 100_000
+# Contents are digested in parts of this many ids, so a difference is narrowed by reading the
+# values of a part, not of its whole bucket.
+CONTENT_PART_IDS = 1_000
 # At most this many ids are named in a failed check's message.
 NAMED_IDS = 20
 # A repair may soft-delete at most this share of the live posts (or MIN_MASS_DELETE, whichever
@@ -68,7 +71,8 @@ class ReconcileSettings:
 
     def content_share(self, up_to_id: int) -> Share:
         """The buckets whose contents this run compares (b % content_days == day's)."""
-        return Share(up_to_id, BUCKET_IDS, self.content_days, self.day % self.content_days)
+        share = self.day % self.content_days
+        return Share(up_to_id, BUCKET_IDS, self.content_days, share, CONTENT_PART_IDS)
 
 
 def bucket_bounds(bucket: int, size: int = BUCKET_IDS) -> tuple[int, int]:
@@ -202,15 +206,52 @@ class Reconciliation:
         return None
 
 
-def _differing_ids(
-    run: RunConnections, low: int, high: int, rules: dict[str, object]
-) -> tuple[list[int], list[int]]:
-    """(ids to re-read from the source, ids gone from it) in [low, high]."""
-    theirs = source_row_hashes(run.source, low, high, rules)
-    ours = analytical_row_hashes(run.analytical, low, high)
-    to_read = sorted(i for i, h in theirs.items() if ours.get(i) != h)
-    gone = sorted(set(ours) - set(theirs))
-    return to_read, gone
+def source_ids(connection: psycopg.Connection, low: int, high: int) -> set[int]:
+    ids = source_posts.c.id
+    query = sa.select(ids).where(ids.between(low, high))
+    return {row[0] for row in execute(connection, query).fetchall()}
+
+
+def analytical_active_ids(connection: psycopg.Connection, low: int, high: int) -> set[int]:
+    found: set[int] = set()
+    for table in TABLES:
+        query = sa.select(table.c.id).where(
+            table.c.id.between(low, high), table.c.deleted_at.is_(None)
+        )
+        found |= {row[0] for row in execute(connection, query).fetchall()}
+    return found
+
+
+@dataclass(frozen=True)
+class Differences:
+    """What the comparison found to narrow: id buckets whose id sets differ (read from the
+    indexes), and content parts whose rows differ (read with their values)."""
+
+    id_ranges: list[tuple[int, int]]
+    content_ranges: list[tuple[int, int]]
+
+    def narrow(self, run: RunConnections, rules: dict[str, object]) -> tuple[set[int], set[int]]:
+        """(ids to re-read from the source, ids gone from it)."""
+        to_read: set[int] = set()
+        gone: set[int] = set()
+        for low, high in self.id_ranges:
+            theirs = source_ids(run.source, low, high)
+            ours = analytical_active_ids(run.analytical, low, high)
+            to_read |= theirs - ours
+            gone |= ours - theirs
+        for low, high in self.content_ranges:
+            their_rows = source_row_hashes(run.source, low, high, rules)
+            our_rows = analytical_row_hashes(run.analytical, low, high)
+            to_read |= {i for i, h in their_rows.items() if our_rows.get(i) != h}
+            gone |= set(our_rows) - set(their_rows)
+        return to_read, gone
+
+
+def _still_differing(run: RunConnections, ids: list[int], rules: dict[str, object]) -> list[int]:
+    """The ids whose rows still differ between the source and the copy."""
+    theirs = content_digests.source_hashes_of(run.source, ids, rules)
+    ours = content_digests.analytical_hashes_of(run.analytical, ids)
+    return sorted(i for i in ids if theirs.get(i) != ours.get(i))
 
 
 def _deletion_limit(run: RunConnections, settings: ReconcileSettings) -> int:
@@ -228,28 +269,22 @@ def _apply(merge: PostsMerge, result: Reconciliation) -> None:
 
 def _repair(
     run: RunConnections,
-    ranges: list[tuple[int, int]],
+    differences: Differences,
     settings: ReconcileSettings,
     rules: dict[str, object],
     result: Reconciliation,
 ) -> None:
-    """Under the write lock: read the differing ranges id by id, re-read what differs through
-    the rules, soft-delete what the source lost (within the limit), and record what still
-    differs after."""
+    """Under the write lock: narrow the differences to ids, re-read what differs through the
+    rules, soft-delete what the source lost (within the limit), and record the ids that still
+    differ after."""
     with run.writer.transaction() as merge:
-        to_read: list[int] = []
-        gone: list[int] = []
-        for low, high in ranges:
-            read, lost = _differing_ids(run, low, high, rules)
-            to_read += read
-            gone += lost
+        to_read, gone = differences.narrow(run, rules)
         if to_read:
-            merge.stage(run.source, copy_posts_by_id(), {"ids": to_read, **rules})
+            merge.stage(run.source, copy_posts_by_id(), {"ids": sorted(to_read), **rules})
             _apply(merge, result)
-        _soft_delete(run, merge, gone, settings, result)
-        for low, high in ranges:
-            read, lost = _differing_ids(run, low, high, rules)
-            result.unrepaired += sorted(set(read) | set(lost) - set(result.deletions_held_back))
+        _soft_delete(run, merge, sorted(gone), settings, result)
+        checked = sorted((to_read | gone) - set(result.deletions_held_back))
+        result.unrepaired = _still_differing(run, checked, rules) if checked else []
 
 
 def _soft_delete(
@@ -300,21 +335,33 @@ def reconcile(run: RunConnections, up_to_id: int, settings: ReconcileSettings) -
         share = settings.content_share(up_to_id)
         their_contents = pool.submit(content_digests.source_digests, run.source, share, rules)
         our_contents = content_digests.analytical_digests(run.analytical, share)
-        contents = set(their_contents.result()) | set(our_contents)
-        differing_content = {
-            b for b in contents if their_contents.result().get(b) != our_contents.get(b)
-        }
+        theirs_by_part = their_contents.result()
+    parts = set(theirs_by_part) | set(our_contents)
     buckets = set(theirs) | set(ours)
-    differing = sorted({b for b in buckets if theirs.get(b) != ours.get(b)} | differing_content)
+    differing = sorted(b for b in buckets if theirs.get(b) != ours.get(b))
+    differing_parts = sorted(p for p in parts if theirs_by_part.get(p) != our_contents.get(p))
     result.ids_compared = sum(n for n, _ in theirs.values())
     result.buckets_compared = len(buckets)
-    result.content_buckets_compared = len(contents)
-    result.buckets_differing = len(differing)
-    if differing:
-        _repair(run, _bounds(differing, up_to_id), settings, rules, result)
+    result.content_buckets_compared = len({div_toward_zero(p * CONTENT_PART_IDS) for p in parts})
+    result.buckets_differing = len(
+        set(differing) | {div_toward_zero(p * CONTENT_PART_IDS) for p in differing_parts}
+    )
+    if differing or differing_parts:
+        differences = Differences(
+            _bounds(differing, BUCKET_IDS, up_to_id),
+            _bounds(differing_parts, CONTENT_PART_IDS, up_to_id),
+        )
+        _repair(run, differences, settings, rules, result)
     result.seconds = time.monotonic() - started
     return result
 
 
-def _bounds(buckets: list[int], up_to_id: int) -> list[tuple[int, int]]:
-    return [(low, min(high, up_to_id)) for low, high in map(bucket_bounds, buckets)]
+def _bounds(numbers: list[int], size: int, up_to_id: int) -> list[tuple[int, int]]:
+    """The id ranges of bucket (or part) `numbers` of `size` ids, cut at `up_to_id`."""
+    return [(low, min(high, up_to_id)) for low, high in (bucket_bounds(n, size) for n in numbers)]
+
+
+def div_toward_zero(first_id: int, size: int = BUCKET_IDS) -> int:
+    """The bucket of an id (PostgreSQL's div truncates toward zero)."""
+    whole = abs(first_id) // size
+    return whole if first_id >= 0 else -whole
