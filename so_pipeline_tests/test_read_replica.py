@@ -25,7 +25,6 @@ import dagster as dg
 import psycopg
 import pytest
 
-from so_pipeline.definitions import defs
 from so_pipeline.resources import PostgresResource
 from so_pipeline.run_connections import RunConnections
 from so_pipeline.source_replica import (
@@ -39,6 +38,7 @@ from so_pipeline_tests.helpers import (
     ScratchDatabases,
     free_port,
     generate_source_posts,
+    reconcile,
     run_job,
     wait_for,
 )
@@ -323,20 +323,7 @@ def test_change_capture_and_the_reconciliation_work_through_the_replica(
     assert through_replica.rejected()[7] == "owner_null"
     assert 20 in through_replica.loaded_ids()
 
-    job = defs.resolve_job_def("stackoverflow_posts_reconciliation_job")
-    result = job.execute_in_process(
-        instance=instance,
-        run_config={
-            "ops": {"filtered_posts_reconciled_with_source": {"config": {"content_days": 1}}}
-        },
-        raise_on_error=False,
-    )
-    (evaluation,) = [
-        e.asset_check_evaluation_data
-        for e in result.all_events
-        if e.event_type_value == "ASSET_CHECK_EVALUATION"
-        and e.asset_check_evaluation_data.check_name == "reconciled_with_source"
-    ]
+    evaluation = reconcile(instance, content_days=1)
     assert evaluation.passed
     assert evaluation.metadata["rows_marked_deleted"].value == 1
     assert_copy_equals_source(through_replica)  # id 3 soft-deleted, no longer live
