@@ -21,12 +21,16 @@ from psycopg import sql
 
 from so_pipeline.tooling.embedded import LocalServer
 from so_pipeline_tests.helpers import (
+    BIN,
     REPO_ROOT,
     DagsterStorageTemplate,
     ExternalServer,
     PipelineDatabases,
     ScratchDatabases,
+    background,
+    free_port,
     prepare_dagster_home,
+    wait_for_webserver,
 )
 
 # The embedded server lives for one session and is deleted after it: durability buys nothing,
@@ -104,3 +108,14 @@ def dagster_home(
     return prepare_dagster_home(
         tmp_path / "dagster_home", REPO_ROOT / "dagster.yaml", scratch_databases, monkeypatch
     )
+
+
+@pytest.fixture
+def webserver(dagster_home: Path, tmp_path: Path) -> Iterator[str]:
+    """dagster-webserver on a free loopback port, against the test's DAGSTER_HOME."""
+    port = free_port()
+    command = [str(BIN / "dagster-webserver"), "-m", "so_pipeline", "-h", "127.0.0.1"]
+    with background([*command, "-p", str(port)], tmp_path / "webserver.log") as process:
+        url = f"http://127.0.0.1:{port}"
+        wait_for_webserver(url, process)
+        yield url

@@ -8,20 +8,15 @@ import contextlib
 import os
 import re
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
 import pytest
 
 from so_pipeline_tests.helpers import (
-    BIN,
     PipelineDatabases,
     Post,
-    background,
-    free_port,
     run_until_caught_up,
-    wait_for_webserver,
 )
 
 pytestmark = pytest.mark.integration
@@ -40,17 +35,6 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-
-
-@pytest.fixture
-def webserver(dagster_home: Path, tmp_path: Path) -> Iterator[str]:
-    """dagster-webserver on a free loopback port, against the test's DAGSTER_HOME."""
-    port = free_port()
-    command = [str(BIN / "dagster-webserver"), "-m", "so_pipeline", "-h", "127.0.0.1"]
-    with background([*command, "-p", str(port)], tmp_path / "webserver.log") as process:
-        url = f"http://127.0.0.1:{port}"
-        wait_for_webserver(url, process)
-        yield url
 
 
 def test_the_materialization_history_lists_each_run_with_its_cursor(

@@ -10,8 +10,6 @@ installs both).
 
 import contextlib
 import re
-from collections.abc import Iterator
-from pathlib import Path
 
 import dagster as dg
 import pytest
@@ -19,14 +17,10 @@ import pytest
 from so_pipeline import dashboard
 from so_pipeline.definitions import defs
 from so_pipeline_tests.helpers import (
-    BIN,
     PipelineDatabases,
     Post,
-    background,
-    free_port,
     run_job,
     run_job_behind_a_held_lock,
-    wait_for_webserver,
 )
 from so_pipeline_tests.test_ui import CHROMIUM, CHROMIUM_ARGS, sync_api
 
@@ -41,16 +35,6 @@ DASHBOARD = [
     dashboard.DELETED_TOTAL,
     dashboard.LOCK_WAIT,
 ]
-
-
-@pytest.fixture
-def webserver(dagster_home: Path, tmp_path: Path) -> Iterator[str]:
-    port = free_port()
-    command = [str(BIN / "dagster-webserver"), "-m", "so_pipeline", "-h", "127.0.0.1"]
-    with background([*command, "-p", str(port)], tmp_path / "webserver.log") as process:
-        url = f"http://127.0.0.1:{port}"
-        wait_for_webserver(url, process)
-        yield url
 
 
 def test_the_asset_page_shows_check_states_the_dashboard_in_order_and_the_lock_wait(
