@@ -38,6 +38,7 @@ from so_pipeline_tests.helpers import (
     wait_for,
     wait_for_webserver,
 )
+from so_pipeline_tests.test_ui import CHROMIUM, CHROMIUM_ARGS, sync_api
 from so_pipeline_tests.tls import PrivateCA, require_openssl
 
 pytestmark = pytest.mark.integration
@@ -45,22 +46,7 @@ pytestmark = pytest.mark.integration
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 if not Path(NGINX).exists():
     pytest.skip("nginx is not installed (apt-get install nginx)", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-if not Path(CHROMIUM).exists():
-    pytest.skip(
-        "Debian's chromium is not installed (apt-get install chromium)", allow_module_level=True
-    )
-
 SITE = REPO_ROOT / "deploy" / "nginx" / "so-pipeline.conf"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 LAUNCH = """
 mutation Launch($params: ExecutionParams!) {
   launchPipelineExecution(executionParams: $params) { __typename ... on PythonError { message } }
