@@ -8,7 +8,8 @@
    the schedule's windows, steady ticks;
 2. `benchmarks.tick_floor` on the same source: a steady tick against a trivial Dagster job;
 3. `benchmarks.daemon_catch_up` on a source of --daemon-rows posts: the unattended catch-up
-   through `dagster-daemon`, its ratio to the pipes and the 55M projection.
+   through `dagster-daemon` (with a CPU-bound process beside, unless --daemon-quiet), its
+   ratio to the pipes, the CPU each process spends, and the 55M projection.
 """
 
 import argparse
@@ -22,6 +23,9 @@ def main() -> None:
     parser.add_argument("--floor-ticks", type=int, default=5)
     parser.add_argument("--daemon-rows", type=int, default=3_000_000)
     parser.add_argument("--daemon-rounds", type=int, default=3)
+    parser.add_argument(
+        "--daemon-quiet", action="store_true", help="the daemon's rounds without the CPU hog"
+    )
     args = parser.parse_args()
     with throughput.bench_on_server(args.data_dir, "logs", args.sling, args.postgres_bin) as bench:
         throughput.run_benchmark(bench, args)
@@ -29,7 +33,7 @@ def main() -> None:
         tick_floor.run(bench, args.floor_ticks)
         print("\nAn unattended catch-up through the daemon ...", flush=True)
         throughput.ensure_source(bench, args.daemon_rows, f"bench_source_{args.daemon_rows}")
-        daemon_catch_up.run(bench, args.daemon_rows, args.daemon_rounds)
+        daemon_catch_up.run(bench, args.daemon_rows, args.daemon_rounds, not args.daemon_quiet)
 
 
 if __name__ == "__main__":

@@ -32,18 +32,20 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 import psycopg
 
+from benchmarks.cpu_use import CpuMeter
 from benchmarks.synthetic_posts import describe_posts, generate_posts
 from benchmarks.tcp_server import TcpPostgres
-from so_pipeline.analytical_schema import lz4_available
+from so_pipeline.analytical_schema import lz4_available, pipeline_state
 from so_pipeline.post_rules import REJECT_REASON_SQL, rule_params
 from so_pipeline.tooling.embedded import POSTGRES_BIN
+from so_pipeline.window import CURSOR_METADATA_KEY
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -64,12 +66,17 @@ class Measurement:
     peak_rss_mb: float
 
 
-def measure(command: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
-    """Run `command`; return wall seconds, the peak RSS (MB) of any of its processes, stdout."""
+def measure(
+    command: list[str], env: dict[str, str] | None = None, meter: CpuMeter | None = None
+) -> tuple[float, float, str]:
+    """Run `command`; return wall seconds, the peak RSS (MB) of any of its processes, stdout.
+    With a `meter`, the CPU use of the command's processes and of the server while it runs."""
     peaks: dict[int, int] = {}
-    with tempfile.TemporaryFile("w+") as output:
+    with tempfile.TemporaryFile("w+") as output, meter or nullcontext():
         started = time.monotonic()
         process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
+        if meter is not None:
+            meter.watch(process.pid, f"{Path(command[0]).name} and its children")
         done = threading.Event()
 
         def sample() -> None:
@@ -143,9 +150,11 @@ class Bench:
         method = f"raw COPY pipe ({'binary' if binary else 'text'})"
         return Measurement(method, _count(target), seconds, rss)
 
-    def raw_pipes_in_parallel(self, lz4: bool = False) -> Measurement:
+    def raw_pipes_in_parallel(
+        self, lz4: bool = False, meter: CpuMeter | None = None
+    ) -> Measurement:
         """Two binary pipes at once, each over half of the ids (into a table whose bodies are
-        compressed with lz4 if asked)."""
+        compressed with lz4 if asked), their CPU use measured by `meter` if given."""
         target = self.fresh_database("bench_raw", lz4=lz4)
         with psycopg.connect(self.source) as connection:
             middle = connection.execute(
@@ -153,7 +162,8 @@ class Bench:
             ).fetchone()[0]  # type: ignore[index]
         halves = [f"id <= {middle}", f"id > {middle}"]
         both = " & ".join(f"({_psql_pipe(self.source, target, half, True)})" for half in halves)
-        seconds, rss, _ = measure(["bash", "-o", "pipefail", "-c", f"{both} & wait -n && wait -n"])
+        command = ["bash", "-o", "pipefail", "-c", f"{both} & wait -n && wait -n"]  # 4 psql
+        seconds, rss, _ = measure(command, meter=meter)
         method = f"raw COPY pipe (binary), 2 in parallel{', lz4 bodies' if lz4 else ''}"
         return Measurement(method, _count(target), seconds, rss)
 
@@ -311,6 +321,18 @@ def processed_max_id(connection: psycopg.Connection) -> int | None:
     return connection.execute(
         "SELECT greatest((SELECT max(id) FROM posts), (SELECT max(id) FROM posts_rejected))"
     ).fetchone()[0]  # type: ignore[index]
+
+
+def recorded_cursor(connection: psycopg.Connection) -> int | None:
+    """The cursor the analytical database holds (so_pipeline_state, written in the window's
+    own transaction): a one-row lookup, where max(id) of a table being copied into would walk
+    every index entry the COPY has added so far (up to 0.5 s per probe at 1M posts)."""
+    if connection.execute("SELECT to_regclass(%s)", [pipeline_state.name]).fetchone() == (None,):
+        return None
+    row = connection.execute(
+        f"SELECT value FROM {pipeline_state.name} WHERE name = %s", [CURSOR_METADATA_KEY]
+    ).fetchone()
+    return None if row is None else int(row[0])
 
 
 def add_posts(source: str, rows: int) -> None:
@@ -493,6 +515,18 @@ def run_benchmark(bench: Bench, args: argparse.Namespace) -> None:
         "Steady-state tick (1,000 new posts, dagster job execute start to end): median "
         f"{statistics.median(ticks):.2f} s over {len(ticks)} ({each})"
     )
+
+
+def server_build(bench: Bench) -> str:
+    """The server's version and build, e.g. "PG 15.14 (lz4)", as a summary line names it."""
+    with psycopg.connect(bench.source) as connection:
+        version = connection.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
+        lz4 = lz4_available(connection)
+    return f"PG {version.split()[0]} ({'lz4' if lz4 else 'pglz'})"
+
+
+def database_of(url: str) -> str:
+    return url.rsplit("/", 1)[1]
 
 
 def server_has_lz4(bench: Bench) -> bool:
