@@ -76,7 +76,12 @@ def test_dagster_yaml_limits_the_job_to_one_run_at_a_time() -> None:
     settings = yaml.safe_load((REPO_ROOT / "dagster.yaml").read_text())
     limits = settings["concurrency"]["runs"]["tag_concurrency_limits"]
     assert _limits_on_the_job(limits) == [1]
-    assert settings["storage"]["postgres"]["postgres_url"] == {"env": "DAGSTER_PG_URL"}
+    storage = settings["storage"]["custom"]
+    assert (storage["module"], storage["class"]) == (
+        "so_pipeline.dagster_storage",
+        "PooledPostgresStorage",
+    )
+    assert storage["config"]["postgres_url"] == {"env": "DAGSTER_PG_URL"}
 
 
 ECS_TASK_DEFINITION = "arn:aws:ecs:eu-west-1:1:task-definition/so_pipeline_run:3"
