@@ -14,7 +14,7 @@ from so_pipeline.analytical_schema import (
     posts,
     row_counts,
 )
-from so_pipeline.core_sql import execute, scalar
+from so_pipeline.core_sql import execute, index_only_plans, scalar
 from so_pipeline.table_contract import PG_ATTRIBUTE, PG_INDEX
 
 PREVIEW_ROWS = 5
@@ -58,9 +58,11 @@ def posts_row_count(connection: psycopg.Connection) -> int:
 
 
 def deleted_posts_count(connection: psycopg.Connection) -> int:
-    """Soft-deleted rows of `posts` (read from the partial index on them)."""
+    """Soft-deleted rows of `posts`, read from the partial index on them (planned so even
+    before the table's first ANALYZE: else a full scan per window, 0.45 s at 3M posts)."""
     query = sa.select(sa.func.count()).select_from(posts).where(posts.c.deleted_at.is_not(None))
-    return scalar(connection, query)
+    with index_only_plans(connection):
+        return scalar(connection, query)
 
 
 def live_posts_count(connection: psycopg.Connection) -> int:

@@ -5,6 +5,8 @@ together); COPY needs psycopg's connection itself, so there is one kind of conne
 Core statements are compiled for it here.
 """
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
@@ -34,3 +36,38 @@ def scalar(connection: psycopg.Connection, statement: sa.Executable) -> Any:
 def server_encoding(connection: psycopg.Connection) -> str:
     """The database's encoding (UTF8, WIN1252, ...), as the server announced it."""
     return connection.info.parameter_status("server_encoding") or "UTF8"
+
+
+# Planner settings that leave an index the only way to answer (see index_only_plans).
+_INDEX_ONLY_SETTINGS = {
+    "enable_seqscan": "off",
+    "max_parallel_workers_per_gather": "0",
+    "jit": "off",
+}
+
+
+@contextmanager
+def index_only_plans(connection: psycopg.Connection) -> Iterator[None]:
+    """Plan the statements run inside without a table scan, parallel workers or JIT, then put
+    the settings back as they were (also inside a caller's transaction).
+
+    For a count that a partial index answers: a table that was never analyzed (a catch-up's
+    first hours, before autovacuum gets to it) has no statistics, and PostgreSQL then guesses
+    that most rows match and scans the whole table, once per window.
+    """
+    names = list(_INDEX_ONLY_SETTINGS)
+    with connection.transaction():
+        before = connection.execute(
+            "SELECT " + ", ".join("current_setting(%s)" for _ in names), names
+        ).fetchone()
+        _set_locally(connection, _INDEX_ONLY_SETTINGS)
+        try:
+            yield
+        finally:
+            _set_locally(connection, dict(zip(names, before or (), strict=True)))
+
+
+def _set_locally(connection: psycopg.Connection, settings: dict[str, str]) -> None:
+    """set_config(..., is_local => true): for the current transaction only."""
+    calls = ", ".join("set_config(%s, %s, true)" for _ in settings)
+    connection.execute("SELECT " + calls, [v for item in settings.items() for v in item])
