@@ -18,6 +18,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
@@ -196,7 +197,7 @@ class DumpBench:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mb", type=int, default=1000, help="size of the Posts.xml to build")
-    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
         "--data-dir", type=Path, default=Path(tempfile.gettempdir()) / "so_dump_bench"
     )
@@ -227,23 +228,26 @@ def main() -> None:
 
 
 def report(results: list[Measurement], xml_mb: float) -> None:
-    """Medians per method; MB/s are of XML whatever the format; ratios to \\copy's rate."""
+    """Medians (and the slowest round) per method; MB/s are of XML whatever the format; ratios
+    to \\copy's rate; then a one-line summary."""
     seconds: dict[str, list[float]] = {}
     for result in results:
         seconds.setdefault(result.method, []).append(result.seconds)
     median = {method: statistics.median(times) for method, times in seconds.items()}
-    floor = next(time for method, time in median.items() if "\\copy" in method)
+    floor = next(wall for method, wall in median.items() if "\\copy" in method)
     rows = {r.method: r.rows for r in results}
     rss = {r.method: max(x.peak_rss_mb for x in results if x.method == r.method) for r in results}
     print(
-        f"\n{'method':36} {'rows':>9} {'wall s':>7} {'rows/s':>8} {'MB/s XML':>8} "
-        f"{'peak RSS MB':>11} {'x copy':>8}"
+        f"\n{'method':36} {'rows':>9} {'wall s':>7} {'(worst)':>7} {'rows/s':>8} "
+        f"{'MB/s XML':>8} {'(worst)':>8} {'peak RSS MB':>11} {'x copy':>8}"
     )
-    for method, time in median.items():
-        rate = f"{rows[method] / time:>8.0f}" if rows[method] else f"{'':>8}"
+    for method, wall in median.items():
+        slowest = max(seconds[method])
+        rate = f"{rows[method] / wall:>8.0f}" if rows[method] else f"{'':>8}"
         print(
-            f"{method:36} {rows[method] or '':>9} {time:>7.1f} {rate} {xml_mb / time:>8.1f} "
-            f"{rss[method]:>11.0f} {floor / time:>8.2f}"
+            f"{method:36} {rows[method] or '':>9} {wall:>7.1f} {slowest:>7.1f} {rate} "
+            f"{xml_mb / wall:>8.1f} {xml_mb / slowest:>8.1f} {rss[method]:>11.0f} "
+            f"{floor / wall:>8.2f}"
         )
     for dump in ("Posts.xml.gz", "dump.7z"):
         goal = min(0.6 / floor, 1 / median[f"decompress {dump} alone"])
@@ -251,6 +255,17 @@ def report(results: list[Measurement], xml_mb: float) -> None:
             f"{dump}: goal min(0.6x \\copy, decompressor alone) = {xml_mb * goal:.1f} MB/s; "
             f"load-dump {xml_mb / median[f'load-dump {dump}']:.1f} MB/s"
         )
+    loads = [m for m in median if m.startswith("load-dump")]
+    rounds = len(next(iter(seconds.values())))
+    print(
+        f"SUMMARY dump_load {time.strftime('%Y-%m-%d')} PG wheel {xml_mb:,.0f} MB of XML, "
+        f"quiet, median (worst) of {rounds}: "
+        + "; ".join(
+            f"{m} {xml_mb / median[m]:.0f} MB/s ({xml_mb / max(seconds[m]):.0f} MB/s) "
+            f"{floor / median[m]:.2f}x \\copy"
+            for m in loads
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ in one run:
 import argparse
 import statistics
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from benchmarks.throughput import (
     bench_on_server,
     ensure_source,
     measure,
+    server_build,
 )
 
 LIVING_SOURCE = "bench_living_source"
@@ -123,16 +125,23 @@ def run(bench: Bench, args: argparse.Namespace) -> None:
         lambda: run_job(bench, env, "stackoverflow_posts_job", None),
     )
     baseline = statistics.median(next(iter(results.values())))
+    summary = []
     for label, timings in results.items():
         median = statistics.median(timings)
         rounded = ", ".join(f"{t:.2f}" for t in timings)
-        print(f"{label}: median {median:.2f} s ({rounded}) = {median / baseline:.2f}x baseline")
+        print(
+            f"{label}: median {median:.2f} s, worst {max(timings):.2f} s ({rounded}) = "
+            f"{median / baseline:.2f}x baseline"
+        )
+        summary.append(f"{label} {median:.2f} s ({max(timings):.2f} s)")
 
     reconcile = "stackoverflow_posts_reconciliation_job"
     clean = [run_job(bench, env, reconcile, None) for _ in range(args.ticks)]
     clean_median = statistics.median(clean)
+    summary.append(f"reconciliation, nothing to repair {clean_median:.2f} s ({max(clean):.2f} s)")
     print(
-        f"Reconciliation, nothing to repair: median {clean_median:.2f} s = "
+        f"Reconciliation, nothing to repair: median {clean_median:.2f} s "
+        f"(worst {max(clean):.2f} s) = "
         f"{clean_median / copy_seconds:.2f}x the copy; projected for 55M posts: "
         f"{clean_median:.2f} s x 55e6 / {args.rows:,} = "
         f"{clean_median * 55e6 / args.rows / 60:.1f} min"
@@ -160,6 +169,10 @@ def run(bench: Bench, args: argparse.Namespace) -> None:
             "FROM posts_rejected WHERE deleted_at IS NULL) t"
         ).fetchone()
     print(f"Id sets equal after the repair: {tuple(theirs) == tuple(ours)}")  # type: ignore[arg-type]
+    print(
+        f"SUMMARY living_source {time.strftime('%Y-%m-%d')} {server_build(bench)} "
+        f"{args.rows:,} posts, quiet, median (worst) of {args.ticks}: " + "; ".join(summary)
+    )
 
 
 if __name__ == "__main__":
