@@ -1,7 +1,8 @@
-"""Dagster's storage as dagster.yaml configures it: connections kept open, and replaced when
-the server ends them."""
+"""Dagster's storage as dagster.yaml configures it: connections kept open, replaced when the
+server ends them, and closed with the instance."""
 
 import os
+import time
 from pathlib import Path
 
 import dagster as dg
@@ -19,6 +20,14 @@ def _storage_sessions(dagster_db: str) -> list[int]:
             "AND pid <> pg_backend_pid()"
         ).fetchall()
     return [pid for (pid,) in rows]
+
+
+def _sessions_after_a_moment(dagster_db: str) -> list[int]:
+    """The sessions left once the server has seen the closed ones go (within 5 s)."""
+    deadline = time.monotonic() + 5
+    while (sessions := _storage_sessions(dagster_db)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return sessions
 
 
 def test_the_storage_keeps_its_connections_and_replaces_one_the_server_ended(
@@ -42,3 +51,6 @@ def test_the_storage_keeps_its_connections_and_replaces_one_the_server_ended(
         assert instance.get_runs(limit=1) == []
         assert instance.get_latest_materialization_event(dg.AssetKey("filtered_posts")) is None
         assert not set(_storage_sessions(dagster_db)) & set(sessions)
+    # Disposing of the instance (the code server makes one per sensor evaluation, a run one
+    # for its life) closes its connections instead of leaving them to the garbage collector.
+    assert _sessions_after_a_moment(dagster_db) == []
