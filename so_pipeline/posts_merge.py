@@ -38,7 +38,7 @@ from so_pipeline.analytical_schema import (
     row_counts,
 )
 from so_pipeline.copy_pipe import copy_in_from_file, copy_rows_in, pipe_copy
-from so_pipeline.core_sql import execute, scalar
+from so_pipeline.core_sql import execute, index_only_plans, scalar
 from so_pipeline.window import IdRange
 
 # Serialises the pipeline's writers on the analytical database (any runs, any processes). A
@@ -249,10 +249,19 @@ class PostsMerge:
         rejected id above it is in posts. A catch-up window's rejected rows all are, and
         looking for them in posts was a join with the whole table (0.4 s of a 4.4 s window of
         1M posts).
+
+        Every statement is planned without a scan of posts or posts_rejected: the staged rows
+        are a window, the tables the whole history, and PostgreSQL, not knowing how many rows
+        the staging table holds, hash-joined them with a full scan of posts (0.2-0.3 s per
+        tick at 1M posts, growing with the table).
         """
         if self._staged is None:
             return Applied()
-        connection, staged = self.connection, self._staged
+        with index_only_plans(self.connection):
+            return self._apply(self._staged, posts_max_id)
+
+    def _apply(self, staged: sa.Table, posts_max_id: int | None) -> Applied:
+        connection = self.connection
         new = staged.c
         kept = new.reason.is_(None)
         rejected_maybe_in_posts: sa.ColumnElement[bool] = sa.not_(kept)

@@ -48,3 +48,26 @@ def test_a_catch_up_never_scans_the_posts_table_it_grows(
 
     _flush_statistics(url)
     assert _table_scans(url, "posts") == scans_before
+
+
+def test_a_tick_merging_its_look_back_never_scans_the_posts_table(
+    databases: PipelineDatabases, instance: dg.DagsterInstance
+) -> None:
+    generate_source_posts(databases.source_url, 30_000)
+    url = databases.analytical_url
+    assert run_job(instance, batch_size=30_000).success
+    with psycopg.connect(url, autocommit=True) as connection:
+        connection.execute("ALTER TABLE posts SET (autovacuum_enabled = off)")
+        # As in production: the tables have statistics, the staging table has none.
+        connection.execute("ANALYZE posts")
+        connection.execute("ANALYZE posts_rejected")
+    _flush_statistics(url)
+    scans_before = _table_scans(url, "posts")
+
+    # Each tick re-reads the 1,000 ids below the cursor (the look-back) and merges them,
+    # rejected ones included: the staged rows are joined with posts.
+    for _ in range(3):
+        assert run_job(instance).success
+
+    _flush_statistics(url)
+    assert _table_scans(url, "posts") == scans_before
