@@ -24,6 +24,7 @@ SAMPLE_SECONDS = 0.1
 _TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
 NOT_SAMPLED = "server, not seen by role (backends' last moments)"
 SERVER_BACKGROUND = "server background (WAL writer, checkpointer, ...)"
+HOG_ROLE = "CPU hog"
 
 
 def _stat_fields(pid: int) -> list[str] | None:
@@ -211,9 +212,6 @@ def cpu_table(uses: list[tuple[str, CpuUse, int]]) -> str:
 
 def _role_order(role: str) -> tuple[int, str]:
     return (1 if role.startswith("server") or role == HOG_ROLE else 0, role)
-
-
-HOG_ROLE = "CPU hog"
 
 
 @contextmanager

@@ -51,9 +51,10 @@ def index_only_plans(connection: psycopg.Connection) -> Iterator[None]:
     """Plan the statements run inside without a table scan, parallel workers or JIT, then put
     the settings back as they were (also inside a caller's transaction).
 
-    For a count that a partial index answers: a table that was never analyzed (a catch-up's
-    first hours, before autovacuum gets to it) has no statistics, and PostgreSQL then guesses
-    that most rows match and scans the whole table, once per window.
+    For statements whose work is a window's worth of rows found through indexes (a count
+    that a partial index answers, the merge of staged rows): without statistics on a table
+    (never analyzed, or a fresh temporary one) PostgreSQL may guess and scan the whole of
+    the big one, once per window or tick, a cost that grows with the table.
     """
     names = list(_INDEX_ONLY_SETTINGS)
     with connection.transaction():
