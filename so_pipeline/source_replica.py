@@ -107,7 +107,11 @@ def read_through_conflicts(
         try:
             result = read()
         except (psycopg.Error, DatabaseUnavailableError) as error:
-            if not is_recovery_conflict(error, source_is_replica):
+            # A standby that ends the session may close it before its message arrives: the
+            # client then only sees the connection closed ("server closed the connection
+            # unexpectedly"). On a replica that is read again too, like a cancelled read.
+            ended_on_replica = run.source.broken and source_is_replica()
+            if not (ended_on_replica or is_recovery_conflict(error, source_is_replica)):
                 raise
             cancelled += 1
             reason = " ".join(str(error).split())

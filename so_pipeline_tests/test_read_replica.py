@@ -18,7 +18,7 @@ package, without it. The analytical database and Dagster's storage are the sessi
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import dagster as dg
@@ -239,6 +239,56 @@ def test_a_read_the_replica_keeps_cancelling_is_given_up_with_advice(
     message = failure.value.description or ""
     assert f"the replica cancelled the read of the test's read {MAX_READS} times" in message
     assert "max_standby_streaming_delay" in message and "hot_standby_feedback" in message
+
+
+def _read_ended_once(url: str, reads: list[int]) -> Callable[[RunConnections], int]:
+    """A read whose session is ended under it the first time (as a standby does on a recovery
+    conflict, sometimes before its message reaches the client)."""
+
+    def read(run: RunConnections) -> int:
+        reads.append(len(reads) + 1)
+        if len(reads) == 1:
+            with psycopg.connect(url, autocommit=True) as admin:
+                admin.execute(
+                    "SELECT pg_terminate_backend(%s, 5000)", [run.source.info.backend_pid]
+                )
+        return run.source.execute("SELECT count(*) FROM posts").fetchone()[0]  # type: ignore[index]
+
+    return read
+
+
+def test_a_session_the_replica_ends_mid_read_is_read_again_on_a_new_one(
+    replica: StreamingReplica, through_replica: PipelineDatabases
+) -> None:
+    generate_source_posts(through_replica.source_url, 1_000)
+    replica.wait_for_standby()
+    standby = replica.standby.url(_database(through_replica.source_url))
+    source = PostgresResource(resource_name="source_db", url=standby)
+    analytical = PostgresResource(resource_name="analytical_db", url=through_replica.analytical_url)
+    reads: list[int] = []
+    read = _read_ended_once(standby, reads)
+
+    with RunConnections(source, analytical, "test") as run:
+        count, cancelled = read_through_conflicts(
+            run, dg.get_dagster_logger(), "the test's read", lambda: read(run)
+        )
+
+    assert (count, cancelled, reads) == (1_000, 1, [1, 2])
+
+
+def test_a_session_ended_on_a_primary_is_not_read_again_there(
+    databases: PipelineDatabases,
+) -> None:
+    generate_source_posts(databases.source_url, 100)
+    source = PostgresResource(resource_name="source_db", url=databases.source_url)
+    analytical = PostgresResource(resource_name="analytical_db", url=databases.analytical_url)
+    reads: list[int] = []
+    read = _read_ended_once(databases.source_url, reads)
+
+    with RunConnections(source, analytical, "test") as run, pytest.raises(psycopg.Error):
+        read_through_conflicts(run, dg.get_dagster_logger(), "the test's read", lambda: read(run))
+
+    assert reads == [1]
 
 
 def test_the_replicas_lag_is_metadata_and_part_of_the_lag(
