@@ -1,19 +1,22 @@
 """Unattended catch-up through the daemon, against two parallel binary COPY pipes, in one run.
 
-    python -m benchmarks.daemon_catch_up [--rows 3000000] [--rounds 2]
+    python -m benchmarks.daemon_catch_up [--rows 3000000] [--rounds 3] [--quiet]
 
 On the throughput benchmark's server (its --data-dir), with a synthetic source of --rows posts
 (a database of its own, generated once and reused), each round
 1. times two binary `psql` COPY pipes over the id halves of the source into an empty table
-   (the limit of this hardware for a COPY-to-COPY copy);
+   (the limit of this hardware for a COPY-to-COPY copy), plain and, where the server has lz4,
+   into lz4 bodies (the faster is the yardstick);
 2. starts `dagster-daemon run -m so_pipeline` on a fresh instance (PostgreSQL storage, the
    shipped dagster.yaml) and an empty analytical database, and waits, touching nothing, until
    the latest `filtered_posts` materialization's cursor reaches the source's max id: the
    catch-up sensor requests the runs, the run queue launches them.
-It prints, per round and as medians, the time from the daemon's start to that cursor, the
-rows/s, the ratio to the pipes, where the time went (until the first run started, inside
-runs, between runs), the runs and windows it took, and the peak RSS of the run processes and of
-the daemon's whole process tree. Then a projection for 55,000,000 posts from those figures.
+Unless --quiet, a second CPU-bound process runs beside both (a busy server is the normal case).
+Both are measured the same way: wall time, and the CPU seconds of every process on the path
+(benchmarks/cpu_use.py). It prints, per round and as medians (worst), the ratios to the pipes
+from the daemon's start and inside the run, the first run's start-up stages, the CPU seconds
+per 1M posts by process, the peak RSS, the 55,000,000-post projection from the worst round,
+and a one-line SUMMARY to compare with the README.
 """
 
 import argparse
