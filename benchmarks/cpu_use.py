@@ -81,11 +81,9 @@ def backend_database(title: str) -> str | None:
 
 @dataclass
 class CpuUse:
-    """CPU seconds by role, and the server's exact total."""
+    """CPU seconds by role (the server's roles add up to its exact total)."""
 
     by_role: dict[str, float]
-    server_total: float
-    wall_seconds: float
 
     def per_million(self, rows: int) -> dict[str, float]:
         return {role: seconds * 1_000_000 / rows for role, seconds in self.by_role.items()}
@@ -124,7 +122,6 @@ class CpuMeter:
             self._backend_roles[pid] = role
 
     def __enter__(self) -> "CpuMeter":
-        self._started = os.times().elapsed
         self._reaped_at_start = reaped_children_cpu_seconds(self.postmaster_pid)
         self._sample(born_before=True)
         self._sampler = threading.Thread(target=self._run, daemon=True)
@@ -154,7 +151,7 @@ class CpuMeter:
             t.last - t.first for pid, t in self._tracked.items() if t.on_server and pid in alive
         )
         by_role[NOT_SAMPLED] = server_total - sum(t.last - t.first for t in server)
-        return CpuUse(dict(by_role), server_total, os.times().elapsed - self._started)
+        return CpuUse(dict(by_role))
 
     def _run(self) -> None:
         while not self._done.wait(SAMPLE_SECONDS):

@@ -388,9 +388,7 @@ def _median_use(uses: list[CpuUse]) -> CpuUse:
     """Each role's median over the rounds."""
     roles = {role for use in uses for role in use.by_role}
     return CpuUse(
-        {role: statistics.median(use.by_role.get(role, 0.0) for use in uses) for role in roles},
-        statistics.median(use.server_total for use in uses),
-        statistics.median(use.wall_seconds for use in uses),
+        {role: statistics.median(use.by_role.get(role, 0.0) for use in uses) for role in roles}
     )
 
 

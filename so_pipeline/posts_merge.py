@@ -39,7 +39,7 @@ from so_pipeline.analytical_schema import (
 )
 from so_pipeline.copy_pipe import copy_in_from_file, copy_rows_in, pipe_copy
 from so_pipeline.core_sql import execute, index_only_plans, scalar
-from so_pipeline.window import IdRange
+from so_pipeline.window import DEFAULT_BATCH_SIZE, IdRange
 
 # Serialises the pipeline's writers on the analytical database (any runs, any processes). A
 # transaction-level lock: it ends with the transaction that took it, so it holds behind a
@@ -161,12 +161,18 @@ def add_to_row_count(connection: psycopg.Connection, rows: int, key: str = posts
 COPY_INTO_POSTS = copy_in(posts, copied_columns(posts))
 
 
+# A merge of at most this many staged rows looks each one up through the indexes (see
+# PostsMerge.apply): a default window's worth.
+MERGE_BY_INDEX_ROWS = DEFAULT_BATCH_SIZE
+
+
 class PostsMerge:
     """The writes of one locked transaction: stage classified rows, then apply them."""
 
     def __init__(self, connection: psycopg.Connection) -> None:
         self.connection = connection
         self._staged: sa.Table | None = None
+        self._staged_rows = 0
 
     def staging_table(self, *extra: sa.Column) -> sa.Table:
         """The staging table (temporary, dropped at commit), created on first use with `extra`
@@ -195,12 +201,16 @@ class PostsMerge:
         `extra`); return how many."""
         staged = self.staging_table(*extra)
         columns = (*CLASSIFIED_COLUMNS, *(column.name for column in extra))
-        return pipe_copy(source, copy_out, params, self.connection, copy_in(staged.name, columns))
+        rows = pipe_copy(source, copy_out, params, self.connection, copy_in(staged.name, columns))
+        self._staged_rows += rows
+        return rows
 
     def stage_copy_data(self, data: IO[bytes], columns: tuple[str, ...]) -> int:
         """Stage binary COPY data of classified rows with `columns`; return how many."""
         staged = self.staging_table()
-        return copy_in_from_file(self.connection, copy_in(staged.name, columns), data)
+        rows = copy_in_from_file(self.connection, copy_in(staged.name, columns), data)
+        self._staged_rows += rows
+        return rows
 
     def copy_rejected_data(self, data: IO[bytes], columns: tuple[str, ...]) -> int:
         """Copy binary COPY data of rejected rows straight into posts_rejected (their ids are
@@ -250,13 +260,16 @@ class PostsMerge:
         looking for them in posts was a join with the whole table (0.4 s of a 4.4 s window of
         1M posts).
 
-        Every statement is planned without a scan of posts or posts_rejected: the staged rows
-        are a window, the tables the whole history, and PostgreSQL, not knowing how many rows
-        the staging table holds, hash-joined them with a full scan of posts (0.2-0.3 s per
-        tick at 1M posts, growing with the table).
+        Up to MERGE_BY_INDEX_ROWS staged rows (a tick, a window), every statement is planned
+        without a scan of posts or posts_rejected: PostgreSQL, not knowing how many rows the
+        staging table holds, hash-joined a tick's look-back with a full scan of posts (0.2-0.3
+        s per tick at 1M posts, growing with the table). A larger merge (a re-copy of a range)
+        is left to the planner, for which a scan may be the right plan.
         """
         if self._staged is None:
             return Applied()
+        if self._staged_rows > MERGE_BY_INDEX_ROWS:
+            return self._apply(self._staged, posts_max_id)
         with index_only_plans(self.connection):
             return self._apply(self._staged, posts_max_id)
 
